@@ -1,0 +1,255 @@
+"""Every collective of ab_accel goes through here, and through the :class:`TrafficMeter`.
+
+The meter is per rank. The payload of a collective is the bytes of the tensor this rank passes
+to torch.distributed (its input for a gather). The wire estimate is the ring algorithm's bytes
+sent per rank: an all-reduce over g ranks sends 2(g-1)/g of its payload, a broadcast (g-1)/g
+(pipelined chain), an all-gather (g-1) times its input.
+
+The meter also keeps the *DP-equivalent* count: what plain DDP would have all-reduced on this
+rank for the same optimizer steps (all trainable dense gradients plus floating-point buffers,
+over the world), so that ``summary()["reduction"]`` is measured against an exact baseline.
+
+Collectives over a group of one rank move nothing and are skipped (and not counted).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+#: Coalesce tensors into flat buffers of at most this many bytes per collective (like DDP's
+#: 25 MiB buckets): few calls, bounded extra memory.
+BUCKET_BYTES = 32 * 1024 * 1024
+
+PHASES = ("setup", "warmup", "ab", "sync", "rebound")
+
+
+def wire_factor(op: str, group_size: int) -> float:
+    """Bytes sent per rank per payload byte, for the ring algorithm."""
+    g = group_size
+    if g <= 1:
+        return 0.0
+    if op == "all_reduce":
+        return 2.0 * (g - 1) / g
+    if op == "broadcast":
+        return (g - 1) / g
+    if op == "all_gather":
+        return float(g - 1)
+    raise ValueError(f"unknown collective {op!r}")
+
+
+class TrafficMeter:
+    """Counts the bytes of every collective, by phase, op and group."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        # (phase, op, group ranks) -> [calls, payload bytes, wire bytes]
+        self._records: dict[tuple[str, str, tuple[int, ...]], list[float]] = defaultdict(
+            lambda: [0, 0, 0.0]
+        )
+        self.dp_equivalent_bytes = 0
+        self.dp_equivalent_wire_bytes = 0.0
+        self.steps = 0
+        self.steps_by_phase: dict[str, int] = defaultdict(int)
+
+    # -------------------------------------------------------------- recording
+    def record(self, op: str, nbytes: int, group_ranks: Sequence[int], phase: str) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase label {phase!r}")
+        key = (phase, op, tuple(group_ranks))
+        rec = self._records[key]
+        rec[0] += 1
+        rec[1] += int(nbytes)
+        rec[2] += nbytes * wire_factor(op, len(group_ranks))
+
+    def record_step(self, phase: str, dp_bytes: int, world_size: int) -> None:
+        """One optimizer step ran in ``phase``; DDP would have all-reduced ``dp_bytes``."""
+        self.steps += 1
+        self.steps_by_phase[phase] += 1
+        self.dp_equivalent_bytes += int(dp_bytes) if world_size > 1 else 0
+        self.dp_equivalent_wire_bytes += dp_bytes * wire_factor("all_reduce", world_size)
+
+    # -------------------------------------------------------------- reading
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """One row per (phase, op, group): calls, bytes, wire_bytes, group ranks."""
+        return [
+            {"phase": p, "op": op, "group": list(g), "calls": int(c), "bytes": int(b),
+             "wire_bytes": w}
+            for (p, op, g), (c, b, w) in sorted(self._records.items())
+        ]
+
+    def groups_touched(self, phase: str) -> set[tuple[int, ...]]:
+        return {g for (p, _, g) in self._records if p == phase}
+
+    @property
+    def bytes(self) -> int:
+        return int(sum(rec[1] for rec in self._records.values()))
+
+    @property
+    def wire_bytes(self) -> float:
+        return float(sum(rec[2] for rec in self._records.values()))
+
+    def summary(self) -> dict[str, Any]:
+        by_phase: dict[str, int] = {p: 0 for p in PHASES}
+        wire_by_phase: dict[str, float] = {p: 0.0 for p in PHASES}
+        calls = 0
+        for (p, _, _), (c, b, w) in self._records.items():
+            by_phase[p] += int(b)
+            wire_by_phase[p] += w
+            calls += int(c)
+        wire = self.wire_bytes
+        dp_wire = self.dp_equivalent_wire_bytes
+        return {
+            "bytes": self.bytes,
+            "wire_bytes": wire,
+            "calls": calls,
+            "bytes_by_phase": by_phase,
+            "wire_bytes_by_phase": wire_by_phase,
+            "steps": self.steps,
+            "steps_by_phase": dict(self.steps_by_phase),
+            "dp_equivalent_bytes": self.dp_equivalent_bytes,
+            "dp_equivalent_wire_bytes": dp_wire,
+            "reduction": (1.0 - wire / dp_wire) if dp_wire > 0 else 0.0,
+        }
+
+    # -------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "records": [[p, op, list(g), c, b, w] for (p, op, g), (c, b, w)
+                        in self._records.items()],
+            "dp_equivalent_bytes": self.dp_equivalent_bytes,
+            "dp_equivalent_wire_bytes": self.dp_equivalent_wire_bytes,
+            "steps": self.steps,
+            "steps_by_phase": dict(self.steps_by_phase),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()
+        for p, op, g, c, b, w in state["records"]:
+            self._records[(p, op, tuple(g))] = [c, b, w]
+        self.dp_equivalent_bytes = state["dp_equivalent_bytes"]
+        self.dp_equivalent_wire_bytes = state["dp_equivalent_wire_bytes"]
+        self.steps = state["steps"]
+        self.steps_by_phase.update(state["steps_by_phase"])
+
+
+class Communicator:
+    """The reduce helpers. Holds the meter; every collective of ab_accel is one of these calls.
+
+    ``group`` arguments are (process group handle or None for the default group, ranks tuple).
+    """
+
+    def __init__(self, meter: TrafficMeter | None = None) -> None:
+        self.meter = meter if meter is not None else TrafficMeter()
+
+    @staticmethod
+    def active() -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    # -------------------------------------------------------------- primitives
+    def all_reduce(self, tensor: torch.Tensor, group: Any, ranks: Sequence[int], phase: str,
+                   op: Any = None) -> torch.Tensor:
+        if len(ranks) <= 1 or not self.active():
+            return tensor
+        self.meter.record("all_reduce", tensor.numel() * tensor.element_size(), ranks, phase)
+        dist.all_reduce(tensor, op=op if op is not None else dist.ReduceOp.SUM, group=group)
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int, group: Any, ranks: Sequence[int],
+                  phase: str) -> torch.Tensor:
+        """Broadcast from global rank ``src``."""
+        if len(ranks) <= 1 or not self.active():
+            return tensor
+        self.meter.record("broadcast", tensor.numel() * tensor.element_size(), ranks, phase)
+        dist.broadcast(tensor, src=src, group=group)
+        return tensor
+
+    # -------------------------------------------------------------- coalesced helpers
+    def mean_(self, tensors: Iterable[torch.Tensor], group: Any, ranks: Sequence[int],
+              phase: str, weights: Sequence[float] | None = None,
+              divisor: float | None = None) -> None:
+        """In place: every tensor <- the mean of that tensor over ``ranks``.
+
+        Tensors are coalesced into flat buckets per dtype and device. With ``weights`` (one
+        scalar per tensor), this rank contributes ``weight * tensor``; ``divisor`` replaces the
+        group size as the denominator (used to average over a subset of the ranks).
+        """
+        tensors = list(tensors)
+        if len(ranks) <= 1 or not self.active() or not tensors:
+            if weights is not None and divisor is not None:
+                for t, w in zip(tensors, weights):
+                    t.mul_(w / divisor)
+            return
+        denom = float(divisor if divisor is not None else len(ranks))
+        scale = [1.0] * len(tensors) if weights is None else list(weights)
+        for bucket in _buckets(tensors):
+            flat = torch.cat([(tensors[i] * scale[i] if scale[i] != 1.0 else tensors[i])
+                              .reshape(-1) for i in bucket])
+            self.all_reduce(flat, group, ranks, phase)
+            flat.div_(denom)
+            offset = 0
+            for i in bucket:
+                t = tensors[i]
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def broadcast_(self, tensors: Iterable[torch.Tensor], src: int, group: Any,
+                   ranks: Sequence[int], phase: str) -> None:
+        tensors = list(tensors)
+        if len(ranks) <= 1 or not self.active() or not tensors:
+            return
+        for bucket in _buckets(tensors):
+            flat = torch.cat([tensors[i].reshape(-1) for i in bucket])
+            self.broadcast(flat, src, group, ranks, phase)
+            offset = 0
+            for i in bucket:
+                t = tensors[i]
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def max_int(self, values: Sequence[int], group: Any, ranks: Sequence[int], phase: str
+                ) -> list[int]:
+        """Element-wise maximum of an integer vector over ``ranks``."""
+        t = torch.tensor(list(values), dtype=torch.int64)
+        t = self.all_reduce(t, group, ranks, phase, op=dist.ReduceOp.MAX if self.active()
+                            else None)
+        return [int(v) for v in t.tolist()]
+
+    def agree(self, digest: Sequence[float], group: Any, ranks: Sequence[int], phase: str
+              ) -> bool:
+        """True when every rank passed the same ``digest`` vector (one MAX all-reduce)."""
+        if len(ranks) <= 1 or not self.active():
+            return True
+        d = torch.tensor(list(digest), dtype=torch.float64)
+        both = torch.cat([d, -d])
+        self.all_reduce(both, group, ranks, phase, op=dist.ReduceOp.MAX)
+        n = d.numel()
+        return bool(torch.equal(both[:n], -both[n:]))
+
+
+def _buckets(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by (dtype, device), each bucket <= BUCKET_BYTES."""
+    by_kind: dict[tuple[torch.dtype, torch.device], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        by_kind[(t.dtype, t.device)].append(i)
+    out: list[list[int]] = []
+    for idx in by_kind.values():
+        current: list[int] = []
+        size = 0
+        for i in idx:
+            nbytes = tensors[i].numel() * tensors[i].element_size()
+            if current and size + nbytes > BUCKET_BYTES:
+                out.append(current)
+                current, size = [], 0
+            current.append(i)
+            size += nbytes
+        if current:
+            out.append(current)
+    return out

@@ -1,0 +1,300 @@
+"""ABConfig: every knob of AB-training, with validation that says what to change.
+
+The fields are the paper's (Coquelin et al., "AB-Training: A Communication-Efficient Approach
+for Distributed Low-Rank Learning", arXiv 2405.01067). Each field carries its own help text in
+``metadata["help"]``; the README's config reference is generated from the same text.
+
+The config round-trips through plain dicts and JSON, and can be read from the top-level
+``"ab_training"`` key of a DeepSpeed JSON config (:meth:`ABConfig.from_deepspeed_config`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+SYNC_MODES: tuple[str, ...] = ("with-stale", "only-learned", "full", "only-b")
+DEEPSPEED_KEY = "ab_training"
+
+
+class ABConfigError(ValueError):
+    """A bad AB-training setting. The message names the field and says what to change."""
+
+
+@dataclass
+class ABConfig:
+    """AB-training settings (arXiv 2405.01067). Steps are optimizer steps.
+
+    The schedule, in the paper's words: ``warmup_steps`` of plain data-parallel training; then
+    cycles of ``sync_every`` steps, each an AB phase of ``sync_every - rebound_steps`` steps
+    (A-groups train A, B-groups train B, gradients averaged inside the group only), a sync that
+    reconciles the groups, and a full-rank rebound of ``rebound_steps`` steps, after which every
+    weight is factorized again with the ``rank_cutoff`` truncation.
+    """
+
+    enabled: bool = field(
+        default=True,
+        metadata={"help": "Turn AB-training on. False leaves the model and optimizer untouched "
+                          "(plain data parallel)."},
+    )
+    warmup_steps: int = field(
+        default=1000,
+        metadata={"help": "W0: optimizer steps of plain data-parallel training on the dense "
+                          "weights before the first factorization. 0 factorizes at the start."},
+    )
+    sync_every: int = field(
+        default=500,
+        metadata={"help": "T: length of one AB cycle in optimizer steps (AB phase + rebound). "
+                          "The groups are reconciled once per cycle."},
+    )
+    rebound_steps: int = field(
+        default=50,
+        metadata={"help": "F: full-rank data-parallel steps after each sync, before the "
+                          "re-factorization. 0 <= F < sync_every; 0 skips the rebound."},
+    )
+    lr_rebound_steps: int = field(
+        default=100,
+        metadata={"help": "R: after every phase switch the learning rate is multiplied by "
+                          "min(1, (k+1)/(R+1)) for the k-th step after the switch. 0 disables."},
+    )
+    rank_cutoff: float = field(
+        default=0.15,
+        metadata={"help": "tau: keep the singular values s_i > tau * s_1 (0 <= tau < 1). "
+                          "0 keeps the full (break-even capped) rank."},
+    )
+    min_rank: int = field(
+        default=1,
+        metadata={"help": "Lower bound on the rank kept by a factorization."},
+    )
+    group_size: int | None = field(
+        default=None,
+        metadata={"help": "Ranks per group; groups are consecutive ranks. The number of groups "
+                          "G = world_size / group_size must be whole, and >= 2 unless sync_mode "
+                          "is 'only-b'. None: world_size / 2 (world_size for a single process)."},
+    )
+    sync_mode: str = field(
+        default="with-stale",
+        metadata={"help": "How the groups are reconciled at a sync: 'with-stale' (world mean of "
+                          "A and of B, stale copies included), 'only-learned' (A averaged over "
+                          "A-group ranks, B over B-group ranks), 'full' (world mean of A_i B_i), "
+                          "'only-b' (every rank trains B only; world mean of B)."},
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Which layers to factorize (peft-style): a list of name suffixes, a "
+                          "regex matched against the full module name, or 'all'. None: every "
+                          "nn.Linear, nn.Conv2d (groups=1) and transformers Conv1D except the "
+                          "first and the last one (stem / patch embedding and classifier head)."},
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Layers never to factorize (name suffixes or a regex), applied after "
+                          "target_modules."},
+    )
+    orthogonal_init: bool = field(
+        default=False,
+        metadata={"help": "At conversion, set every factorized weight's singular values to 1 "
+                          "(W <- U V^T), as the paper does when training from scratch."},
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check every field; raise :class:`ABConfigError` naming the field and the fix."""
+
+        def _int(name: str, low: int) -> int:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ABConfigError(
+                    f"ab_training.{name} must be an integer, got {value!r} "
+                    f"({type(value).__name__}). Write it as a whole number, e.g. {name}={low}."
+                )
+            if value < low:
+                raise ABConfigError(
+                    f"ab_training.{name} must be >= {low}, got {value}."
+                )
+            return value
+
+        if not isinstance(self.enabled, bool):
+            raise ABConfigError(
+                f"ab_training.enabled must be true or false, got {self.enabled!r}."
+            )
+        _int("warmup_steps", 0)
+        _int("sync_every", 1)
+        _int("rebound_steps", 0)
+        _int("lr_rebound_steps", 0)
+        _int("min_rank", 1)
+        if self.rebound_steps >= self.sync_every:
+            raise ABConfigError(
+                f"ab_training.rebound_steps ({self.rebound_steps}) must be smaller than "
+                f"sync_every ({self.sync_every}): a cycle of sync_every steps holds the AB "
+                f"phase and then the rebound. Lower rebound_steps or raise sync_every."
+            )
+        tau = self.rank_cutoff
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau < 1.0:
+            raise ABConfigError(
+                f"ab_training.rank_cutoff must be a number in [0, 1), got {tau!r}. The paper "
+                f"uses 0.15 (keep singular values above 15% of the largest)."
+            )
+        self.rank_cutoff = float(tau)
+        if self.sync_mode not in SYNC_MODES:
+            hint = difflib.get_close_matches(str(self.sync_mode), SYNC_MODES, n=1)
+            did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ABConfigError(
+                f"ab_training.sync_mode must be one of {', '.join(SYNC_MODES)}; got "
+                f"{self.sync_mode!r}.{did_you_mean}"
+            )
+        if self.group_size is not None:
+            _int("group_size", 1)
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is None or isinstance(value, str):
+                continue
+            if isinstance(value, tuple):
+                value = list(value)
+                setattr(self, name, value)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ABConfigError(
+                    f"ab_training.{name} must be a list of module-name suffixes or one regex "
+                    f"string, got {value!r}."
+                )
+        if not isinstance(self.orthogonal_init, bool):
+            raise ABConfigError(
+                f"ab_training.orthogonal_init must be true or false, got {self.orthogonal_init!r}."
+            )
+
+    def resolve_group_size(self, world_size: int) -> int:
+        """The group size for a world of ``world_size`` ranks, checked to fit.
+
+        Raises :class:`ABConfigError` when the groups cannot be formed.
+        """
+        if world_size < 1:
+            raise ABConfigError(f"world_size must be >= 1, got {world_size}.")
+        if world_size == 1:
+            return 1
+        size = self.group_size if self.group_size is not None else world_size // 2
+        if self.group_size is None and world_size % 2:
+            raise ABConfigError(
+                f"AB-training splits the world into A-groups and B-groups; the default "
+                f"group_size is world_size / 2, which does not fit a world of {world_size} "
+                f"ranks. Set ab_training.group_size to a divisor of {world_size} that leaves at "
+                f"least 2 groups ({_divisors_hint(world_size)}), or use sync_mode 'only-b' with "
+                f"group_size {world_size}."
+            )
+        if world_size % size:
+            raise ABConfigError(
+                f"ab_training.group_size={size} does not divide the world size {world_size}: "
+                f"groups are consecutive ranks and must all be the same size. Use one of "
+                f"{_divisors_hint(world_size, allow_world=self.sync_mode == 'only-b')}."
+            )
+        groups = world_size // size
+        if groups < 2 and self.sync_mode != "only-b":
+            raise ABConfigError(
+                f"ab_training.group_size={size} leaves {groups} group on {world_size} ranks, "
+                f"but sync_mode {self.sync_mode!r} needs at least one A-group and one B-group. "
+                f"Use group_size in {_divisors_hint(world_size)}, or sync_mode 'only-b'."
+            )
+        return size
+
+    # ------------------------------------------------------------------ (de)serialization
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> ABConfig:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | ABConfig) -> ABConfig:
+        """Build from a dict; unknown keys are an error with a did-you-mean."""
+        if isinstance(data, ABConfig):
+            return data
+        if not isinstance(data, dict):
+            raise ABConfigError(
+                f'"{DEEPSPEED_KEY}" must be a JSON object (a dict of settings), got '
+                f"{type(data).__name__}."
+            )
+        known = [f.name for f in fields(cls)]
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            messages = []
+            for key in unknown:
+                hint = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+                messages.append(
+                    f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                )
+            raise ABConfigError(
+                f'Unknown key(s) in "{DEEPSPEED_KEY}": {", ".join(messages)}. '
+                f"Known keys: {', '.join(known)}."
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_deepspeed_config(cls, ds_config: dict[str, Any] | str | os.PathLike | None
+                              ) -> ABConfig | None:
+        """Read the top-level ``"ab_training"`` key of a DeepSpeed config (dict or JSON path).
+
+        Returns None when the key is absent. A key placed inside one of DeepSpeed's own blocks
+        (where DeepSpeed would reject it) is an error that says where it belongs.
+        """
+        if ds_config is None:
+            return None
+        if isinstance(ds_config, (str, os.PathLike)):
+            path = os.fspath(ds_config)
+            if not os.path.exists(path):
+                raise ABConfigError(f"DeepSpeed config file {path!r} does not exist.")
+            with open(path) as fh:
+                try:
+                    ds_config = json.load(fh)
+                except json.JSONDecodeError as exc:
+                    raise ABConfigError(f"DeepSpeed config {path!r} is not valid JSON: {exc}")
+        if not isinstance(ds_config, dict):
+            raise ABConfigError(
+                f"A DeepSpeed config must be a dict or a JSON file path, got "
+                f"{type(ds_config).__name__}."
+            )
+        misplaced = _find_misplaced(ds_config)
+        if misplaced:
+            raise ABConfigError(
+                f'"{DEEPSPEED_KEY}" was found inside "{misplaced}" of the DeepSpeed config. It '
+                f"belongs at the TOP LEVEL of the JSON, beside \"train_batch_size\" and "
+                f"\"zero_optimization\": DeepSpeed's own blocks reject unknown keys."
+            )
+        if DEEPSPEED_KEY not in ds_config:
+            return None
+        return cls.from_dict(ds_config[DEEPSPEED_KEY])
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Field name -> help text, in declaration order (used for the README reference)."""
+        out = {}
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else None
+            out[f.name] = f"{f.metadata.get('help', '')} (default: {default!r})"
+        return out
+
+
+def _find_misplaced(ds_config: dict[str, Any], prefix: str = "") -> str | None:
+    for key, value in ds_config.items():
+        if isinstance(value, dict):
+            path = f"{prefix}{key}"
+            if DEEPSPEED_KEY in value:
+                return path
+            inner = _find_misplaced(value, prefix=path + ".")
+            if inner:
+                return inner
+    return None
+
+
+def _divisors_hint(world_size: int, allow_world: bool = False) -> str:
+    options = [d for d in range(1, world_size + 1)
+               if world_size % d == 0 and (world_size // d >= 2 or allow_world)]
+    return ", ".join(str(d) for d in options) if options else "none"

@@ -1,0 +1,466 @@
+"""AB layers: a weight matrix held either dense (``weight``) or as low-rank factors ``A`` and ``B``.
+
+A layer is always in one of two modes, and only that mode's tensors exist:
+
+* ``"full"``: the parameter ``weight``, exactly the wrapped layer's (same shape, same object
+  right after conversion);
+* ``"ab"``: the parameters ``A`` (out x r) and ``B`` (r x in; a conv's in*kh*kw), W = A B. The
+  dense weight and its optimizer state are released, so the compression ratio is real memory.
+
+The weight is viewed as a matrix out x in (a Conv2d weight as out x in*kh*kw, transformers'
+Conv1D weight transposed). :meth:`ABLayer.factorize` takes its SVD W = U S V^T, keeps
+r = #{i : s_i > tau * s_1} singular values (at least ``min_rank``, at most the break-even rank
+floor(m n / (m + n)), so a factored layer is never larger than its dense weight) and splits
+sqrt(S) onto both sides (arXiv 2405.01067, Sec. 3): A = U_r sqrt(S_r), B = sqrt(S_r) V_r^T.
+
+In AB mode the forward runs x -> B -> A (a Conv2d becomes a kh x kw conv to r channels followed
+by a 1 x 1 conv) whenever that costs fewer multiply-adds than rebuilding W and running the dense
+op; under the break-even cap it always does, but the rule is kept explicit.
+
+Layers know nothing about groups or torch.distributed: the optimizer tells them what to train.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FULL = "full"
+AB = "ab"
+
+
+def break_even_rank(out_dim: int, in_dim: int) -> int:
+    """Largest rank r with r (m + n) <= m n: a factored layer is never larger than dense."""
+    return max(1, (out_dim * in_dim) // (out_dim + in_dim))
+
+
+def cut_rank(singular_values: torch.Tensor, rank_cutoff: float, min_rank: int,
+             max_rank: int) -> int:
+    """r = #{s_i > tau * s_1}, clamped to [min_rank, max_rank] (and at least 1)."""
+    s = singular_values
+    count = int((s > rank_cutoff * s[0]).sum().item()) if s.numel() else 0
+    r = max(count, min_rank, 1)
+    return max(1, min(r, max_rank))
+
+
+def svd_split(matrix: torch.Tensor, rank: int, svd: tuple[torch.Tensor, ...] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = U_r sqrt(S_r), B = sqrt(S_r) V_r^T for ``matrix`` (computed in float32 or wider)."""
+    if svd is None:
+        svd = _svd(matrix)
+    u, s, vh = svd
+    root = s[:rank].sqrt()
+    a = u[:, :rank] * root.unsqueeze(0)
+    b = root.unsqueeze(1) * vh[:rank]
+    return a.to(matrix.dtype).contiguous(), b.to(matrix.dtype).contiguous()
+
+
+def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    work = matrix.detach()
+    if work.dtype not in (torch.float32, torch.float64):
+        work = work.float()
+    return torch.linalg.svd(work, full_matrices=False)
+
+
+class ABLayer(nn.Module):
+    """Common machinery of ABLinear, ABConv2d and ABConv1D. See the module docstring."""
+
+    #: Set by subclasses: the wrapped module type the layer converts back to in merge().
+    dense_type: type | None = None
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None,
+                 out_dim: int, in_dim: int) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.out_dim = out_dim
+        self.in_dim = in_dim
+        self.weight_shape = tuple(weight.shape)
+        self.mode = FULL
+        self.rank: int | None = None
+        #: Bumped on every change of structure, so an optimizer can tell its params are stale.
+        self.structure_version = 0
+        self._svd_cache: tuple[torch.Tensor, ...] | None = None
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _weight_to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _matrix_to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dense_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _factored_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _positions(self, x: torch.Tensor) -> int:
+        """Number of output positions (tokens, pixels x batch) a forward on ``x`` computes."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def max_rank(self) -> int:
+        return break_even_rank(self.out_dim, self.in_dim)
+
+    @property
+    def dense_numel(self) -> int:
+        return self.out_dim * self.in_dim
+
+    @property
+    def numel_now(self) -> int:
+        if self.mode == AB:
+            return self.A.numel() + self.B.numel()
+        return self.weight.numel()
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return (self._parameters["A"] if self.mode == AB else self._parameters["weight"]).dtype
+
+    @property
+    def param_device(self) -> torch.device:
+        return (self._parameters["A"] if self.mode == AB else self._parameters["weight"]).device
+
+    def matrix(self) -> torch.Tensor:
+        """The current W as an out x in matrix (A B in AB mode), without autograd."""
+        with torch.no_grad():
+            if self.mode == AB:
+                return self.A @ self.B
+            return self._weight_to_matrix(self.weight)
+
+    def factor_params(self) -> list[nn.Parameter]:
+        """The parameters that represent W now: [weight] or [A, B]."""
+        if self.mode == AB:
+            return [self.A, self.B]
+        return [self.weight]
+
+    # ------------------------------------------------------------------ switches
+    def proposed_rank(self, rank_cutoff: float, min_rank: int = 1) -> int:
+        """Rank the cut would keep for the current W. Caches the SVD for :meth:`factorize`."""
+        self._svd_cache = _svd(self.matrix())
+        return cut_rank(self._svd_cache[1], rank_cutoff, min_rank, self.max_rank)
+
+    @torch.no_grad()
+    def factorize(self, rank: int) -> None:
+        """W -> (A, B) at ``rank``; releases ``weight``. Reuses the SVD of proposed_rank()."""
+        if rank < 1 or rank > min(self.out_dim, self.in_dim):
+            raise ValueError(f"rank {rank} out of range for a {self.out_dim}x{self.in_dim} "
+                             f"weight")
+        matrix = self.matrix()
+        svd = self._svd_cache if self._svd_cache is not None else _svd(matrix)
+        self._svd_cache = None
+        a, b = svd_split(matrix, rank, svd)
+        device = self.param_device
+        self._release()
+        self.A = nn.Parameter(a.to(device))
+        self.B = nn.Parameter(b.to(device))
+        self.mode = AB
+        self.rank = rank
+        self.structure_version += 1
+
+    @torch.no_grad()
+    def to_full(self) -> None:
+        """(A, B) -> W = A B; releases the factors."""
+        if self.mode == FULL:
+            return
+        weight = self._matrix_to_weight(self.A @ self.B).contiguous()
+        self._release()
+        self.weight = nn.Parameter(weight)
+        self.mode = FULL
+        self.rank = None
+        self.structure_version += 1
+
+    @torch.no_grad()
+    def set_factors(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Put the layer in AB mode with the given factors (new parameters)."""
+        device, dtype = self.param_device, self.param_dtype
+        self._release()
+        self.A = nn.Parameter(a.to(device=device, dtype=dtype).contiguous())
+        self.B = nn.Parameter(b.to(device=device, dtype=dtype).contiguous())
+        self.mode = AB
+        self.rank = a.shape[1]
+        self.structure_version += 1
+
+    @torch.no_grad()
+    def orthogonalize(self) -> None:
+        """Set every singular value of W to 1: W <- U V^T (the paper's init from scratch)."""
+        u, _, vh = _svd(self.matrix())
+        matrix = (u @ vh).to(self.param_dtype)
+        if self.mode == AB:
+            a, b = svd_split(matrix, self.rank)
+            self.A.copy_(a)
+            self.B.copy_(b)
+        else:
+            self.weight.copy_(self._matrix_to_weight(matrix))
+
+    def set_role(self, role: str | None) -> None:
+        """Which factor trains: "A", "B", "AB" (both) or None (full mode: the weight)."""
+        if self.mode == AB:
+            self.A.requires_grad_(role in ("A", "AB"))
+            self.B.requires_grad_(role in ("B", "AB"))
+        else:
+            self.weight.requires_grad_(True)
+
+    def _release(self) -> None:
+        for name in ("weight", "A", "B"):
+            if name in self._parameters:
+                del self._parameters[name]
+
+    # ------------------------------------------------------------------ forward
+    def use_factored(self, positions: int) -> bool:
+        """x -> B -> A costs r (m + n) per position; dense costs m n per position plus m r n
+        once to rebuild W. Take the cheaper (ties go to the factors: less memory)."""
+        m, n, r = self.out_dim, self.in_dim, self.rank or 0
+        return r * (m + n) * positions <= m * n * positions + m * r * n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == AB:
+            if self.use_factored(self._positions(x)):
+                return self._factored_forward(x)
+            return self._dense_forward(x, self._matrix_to_weight(self.A @ self.B))
+        return self._dense_forward(x, self.weight)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Model code that reads `layer.weight` (its dtype, device, or tied uses) keeps
+            # working in AB mode: it gets W = A B, computed on demand, with autograd.
+            params = self.__dict__.get("_parameters", {})
+            if name == "weight" and params.get("A") is not None:
+                return self._matrix_to_weight(params["A"] @ params["B"])
+            raise
+
+    # ------------------------------------------------------------------ state dicts
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A checkpoint taken in the other mode restructures the layer first, so that
+        # load_state_dict works across phases (the optimizer picks the new params up).
+        if f"{prefix}A" in state_dict and self.mode == FULL:
+            a, b = state_dict[f"{prefix}A"], state_dict[f"{prefix}B"]
+            dtype, device = self.param_dtype, self.param_device
+            self._release()
+            self.A = nn.Parameter(torch.empty(a.shape, dtype=dtype, device=device))
+            self.B = nn.Parameter(torch.empty(b.shape, dtype=dtype, device=device))
+            self.mode, self.rank = AB, a.shape[1]
+            self.structure_version += 1
+        elif f"{prefix}A" in state_dict and tuple(state_dict[f"{prefix}A"].shape) != tuple(
+                self.A.shape):
+            a, b = state_dict[f"{prefix}A"], state_dict[f"{prefix}B"]
+            self.set_factors(torch.empty(a.shape), torch.empty(b.shape))
+        elif f"{prefix}weight" in state_dict and self.mode == AB:
+            dtype, device = self.param_dtype, self.param_device
+            self._release()
+            self.weight = nn.Parameter(torch.empty(self.weight_shape, dtype=dtype,
+                                                   device=device))
+            self.mode, self.rank = FULL, None
+            self.structure_version += 1
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        rank = f", rank={self.rank}" if self.mode == AB else ""
+        return (f"out={self.out_dim}, in={self.in_dim}, mode={self.mode}{rank}, "
+                f"bias={self.bias is not None}")
+
+    # ------------------------------------------------------------------ merge
+    def to_dense_module(self) -> nn.Module:
+        raise NotImplementedError
+
+
+class ABLinear(ABLayer):
+    """nn.Linear with an AB mode: y = x B^T A^T + bias."""
+
+    dense_type = nn.Linear
+
+    def __init__(self, in_features: int, out_features: int, weight: nn.Parameter,
+                 bias: nn.Parameter | None) -> None:
+        super().__init__(weight, bias, out_features, in_features)
+        self.in_features = in_features
+        self.out_features = out_features
+
+    @classmethod
+    def from_module(cls, module: nn.Linear) -> ABLinear:
+        return cls(module.in_features, module.out_features, module.weight, module.bias)
+
+    def _weight_to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def _matrix_to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix
+
+    def _positions(self, x: torch.Tensor) -> int:
+        return max(1, x.numel() // self.in_features)
+
+    def _dense_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.bias)
+
+    def _factored_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.B), self.A, self.bias)
+
+    def to_dense_module(self) -> nn.Linear:
+        w = self.matrix()
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+
+class ABConv2d(ABLayer):
+    """nn.Conv2d (groups=1) with an AB mode: a kh x kw conv to r channels (B), then 1 x 1 (A)."""
+
+    dense_type = nn.Conv2d
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        if conv.groups != 1:
+            raise ValueError(
+                f"ABConv2d supports groups=1 only (got groups={conv.groups}); grouped and "
+                f"depthwise convs stay dense. Leave the layer out of target_modules."
+            )
+        out_c, in_c, kh, kw = conv.weight.shape
+        super().__init__(conv.weight, conv.bias, out_c, in_c * kh * kw)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = conv.kernel_size
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.groups = 1
+        self.padding_mode = conv.padding_mode
+        self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
+
+    @classmethod
+    def from_module(cls, module: nn.Conv2d) -> ABConv2d:
+        return cls(module)
+
+    def _weight_to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(self.out_dim, self.in_dim)
+
+    def _matrix_to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.reshape(self.weight_shape)
+
+    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        if self.padding_mode != "zeros":
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
+        return x, self.padding
+
+    def _positions(self, x: torch.Tensor) -> int:
+        batch = x.shape[0] if x.dim() == 4 else 1
+        h, w = x.shape[-2:]
+        pads = self.padding if isinstance(self.padding, tuple) else (0, 0)
+        if self.padding == "same":
+            return batch * h * w
+        sizes = []
+        for size, k, s, d, p in zip((h, w), self.kernel_size, self.stride, self.dilation, pads):
+            sizes.append(max(1, (size + 2 * p - d * (k - 1) - 1) // s + 1))
+        return batch * sizes[0] * sizes[1]
+
+    def _dense_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x, padding = self._pad(x)
+        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation)
+
+    def _factored_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, padding = self._pad(x)
+        r = self.rank
+        b = self.B.reshape(r, self.in_channels, *self.kernel_size)
+        h = F.conv2d(x, b, None, self.stride, padding, self.dilation)
+        a = self.A.reshape(self.out_channels, r, 1, 1)
+        return F.conv2d(h, a, self.bias)
+
+    def to_dense_module(self) -> nn.Conv2d:
+        w = self.matrix()
+        out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                        self.padding, self.dilation, groups=1, bias=self.bias is not None,
+                        padding_mode=self.padding_mode, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w.reshape(self.weight_shape))
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+
+class ABConv1D(ABLayer):
+    """transformers' Conv1D (GPT-2): y = x W + bias with W of shape (in, out).
+
+    The matrix view is W^T (out x in), so A is out x r and B is r x in as for every layer.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        nx, nf = module.weight.shape
+        super().__init__(module.weight, module.bias, nf, nx)
+        self.nf, self.nx = nf, nx
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> ABConv1D:
+        return cls(module)
+
+    def _weight_to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t()
+
+    def _matrix_to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.t()
+
+    def _positions(self, x: torch.Tensor) -> int:
+        return max(1, x.numel() // self.nx)
+
+    def _dense_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1] + (self.nf,)
+        out = x.reshape(-1, self.nx) @ weight
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(shape)
+
+    def _factored_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.B), self.A, self.bias)
+
+    def to_dense_module(self) -> nn.Module:
+        from transformers.pytorch_utils import Conv1D  # lazy: transformers is optional
+
+        w = self.matrix()
+        out = Conv1D(self.nf, self.nx)
+        out.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w.t())
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+            else:
+                out.bias = None
+        return out
+
+
+def is_transformers_conv1d(module: nn.Module) -> bool:
+    """True for transformers' Conv1D, without importing transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def wrap(module: nn.Module) -> ABLayer | None:
+    """The AB layer for ``module``, or None when the module type cannot be factorized."""
+    if isinstance(module, ABLayer):
+        return module
+    if isinstance(module, nn.Linear):
+        return ABLinear.from_module(module)
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        return ABConv2d.from_module(module)
+    if is_transformers_conv1d(module):
+        return ABConv1D.from_module(module)
+    return None
+
+
+def is_factorizable(module: nn.Module) -> bool:
+    if isinstance(module, ABLayer):
+        return True
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1
+    return is_transformers_conv1d(module)
+
+
+def dense_numel_of(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)

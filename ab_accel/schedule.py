@@ -1,0 +1,128 @@
+"""The AB-training phase state machine, as a pure function of the optimizer step count.
+
+No torch, no torch.distributed: every rank evaluates the same function of the same integer, so
+every rank switches at the same step without talking to the others.
+
+Notation (arXiv 2405.01067): W0 = warmup_steps, T = sync_every, F = rebound_steps,
+R = lr_rebound_steps. ``t`` counts optimizer steps from 0.
+
+* warm-up: t in [0, W0), plain data parallel on the dense weights;
+* cycle k >= 0 starts at c = W0 + k*T: AB steps t in [c, c + T - F), rebound steps
+  t in [c + T - F, c + T).
+
+Switches happen at *boundaries*. Boundary ``b`` sits between step ``b - 1`` and step ``b``; the
+optimizer runs the events of boundary ``t + 1`` at the end of step ``t`` so that the next forward
+sees the new structure. Boundary 0 is the start of training (only used when W0 = 0).
+
+* ``factorize`` at every boundary where an AB block starts (b = W0 + k*T);
+* ``sync`` (reconcile the groups, then W <- A B) at every boundary where an AB block ends
+  (b = W0 + k*T + T - F, k >= 0). With F = 0 that is the same boundary as the next
+  ``factorize``; the events then run in the order sync, factorize.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WARMUP = "warmup"
+AB = "ab"
+REBOUND = "rebound"
+
+FACTORIZE = "factorize"
+SYNC = "sync"
+
+
+@dataclass(frozen=True)
+class ABSchedule:
+    """When each phase runs and what happens at each boundary."""
+
+    warmup_steps: int
+    sync_every: int
+    rebound_steps: int
+    lr_rebound_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0 or self.sync_every < 1 or self.lr_rebound_steps < 0:
+            raise ValueError(f"invalid schedule {self}")
+        if not 0 <= self.rebound_steps < self.sync_every:
+            raise ValueError(
+                f"rebound_steps ({self.rebound_steps}) must be in [0, sync_every="
+                f"{self.sync_every})"
+            )
+
+    @classmethod
+    def from_config(cls, config) -> ABSchedule:  # ABConfig, untyped to keep this module alone
+        return cls(config.warmup_steps, config.sync_every, config.rebound_steps,
+                   config.lr_rebound_steps)
+
+    @property
+    def ab_steps(self) -> int:
+        """Length of the AB block of one cycle: T - F."""
+        return self.sync_every - self.rebound_steps
+
+    def cycle(self, t: int) -> int:
+        """The AB cycle step ``t`` belongs to; -1 during warm-up."""
+        self._check(t)
+        if t < self.warmup_steps:
+            return -1
+        return (t - self.warmup_steps) // self.sync_every
+
+    def phase(self, t: int) -> str:
+        """Phase of step ``t``: ``"warmup"``, ``"ab"`` or ``"rebound"``."""
+        self._check(t)
+        if t < self.warmup_steps:
+            return WARMUP
+        offset = (t - self.warmup_steps) % self.sync_every
+        return AB if offset < self.ab_steps else REBOUND
+
+    def events(self, boundary: int) -> tuple[str, ...]:
+        """Switches that run at ``boundary`` (between step boundary-1 and step boundary)."""
+        self._check(boundary)
+        if boundary < self.warmup_steps:
+            return ()
+        offset = (boundary - self.warmup_steps) % self.sync_every
+        out: list[str] = []
+        # An AB block ends here: the last AB step was boundary - 1.
+        if boundary > self.warmup_steps and offset == self.ab_steps % self.sync_every:
+            out.append(SYNC)
+        if offset == 0:
+            out.append(FACTORIZE)
+        return tuple(out)
+
+    def steps_since_switch(self, t: int) -> int | None:
+        """How many steps of the current phase ran before step ``t``; None in warm-up."""
+        self._check(t)
+        if t < self.warmup_steps:
+            return None
+        offset = (t - self.warmup_steps) % self.sync_every
+        return offset if offset < self.ab_steps else offset - self.ab_steps
+
+    def lr_factor(self, t: int) -> float:
+        """LR rebound multiplier for step ``t``: min(1, (k+1)/(R+1)), k = steps since switch."""
+        k = self.steps_since_switch(t)
+        if k is None or self.lr_rebound_steps == 0:
+            return 1.0
+        return min(1.0, (k + 1) / (self.lr_rebound_steps + 1))
+
+    def next_switch(self, t: int) -> int:
+        """The first boundary > t that has events."""
+        b = t + 1
+        while not self.events(b):
+            b += 1
+        return b
+
+    def describe(self, total_steps: int) -> list[tuple[str, int, int]]:
+        """The phases of a run of ``total_steps`` steps as (phase, first, end) spans."""
+        spans: list[tuple[str, int, int]] = []
+        for t in range(total_steps):
+            p = self.phase(t)
+            if spans and spans[-1][0] == p and spans[-1][2] == t:
+                spans[-1] = (p, spans[-1][1], t + 1)
+            else:
+                spans.append((p, t, t + 1))
+        return spans
+
+    @staticmethod
+    def _check(t: int) -> None:
+        if t < 0:
+            raise ValueError(f"step must be >= 0, got {t}")

@@ -1,0 +1,71 @@
+"""Run a function in N real gloo processes and collect what each rank returns.
+
+No mocks: every rank is a separate OS process with its own torch.distributed world on a free
+local port. Results come back through files written with torch.save.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple,
+            out_dir: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    path = os.path.join(out_dir, f"rank{rank}.pt")
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        torch.save({"ok": True, "result": result}, path)
+    except BaseException:  # report every failure to the parent, with its traceback
+        torch.save({"ok": False, "error": traceback.format_exc()}, path)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any,
+                    timeout: float = 300) -> list[Any]:
+    """``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; returns the results by rank.
+
+    ``fn`` must be importable (a module-level function) because the ranks are spawned.
+    """
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(_worker, args=(world_size, free_port(), fn, args, out_dir),
+                                 nprocs=world_size, join=False, start_method="spawn")
+        try:
+            while not ctx.join(timeout=timeout):
+                pass
+        except Exception as exc:
+            errors = []
+            for r in range(world_size):
+                p = os.path.join(out_dir, f"rank{r}.pt")
+                if os.path.exists(p):
+                    rec = torch.load(p, weights_only=False)
+                    if not rec["ok"]:
+                        errors.append(f"--- rank {r} ---\n{rec['error']}")
+            raise RuntimeError("distributed run failed:\n" + "\n".join(errors)) from exc
+        results = []
+        for r in range(world_size):
+            rec = torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+            results.append(rec["result"])
+        return results
