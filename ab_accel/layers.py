@@ -76,7 +76,7 @@ class ABLayer(nn.Module):
                  out_dim: int, in_dim: int) -> None:
         super().__init__()
         self.weight = weight
-        self.bias = bias
+        self.register_parameter("bias", bias)  # registered even when None: see _release()
         self.out_dim = out_dim
         self.in_dim = in_dim
         self.weight_shape = tuple(weight.shape)
@@ -161,7 +161,7 @@ class ABLayer(nn.Module):
         self.B = nn.Parameter(b.to(device))
         self.mode = AB
         self.rank = rank
-        self.structure_version += 1
+        self._finish()
 
     @torch.no_grad()
     def to_full(self) -> None:
@@ -173,7 +173,7 @@ class ABLayer(nn.Module):
         self.weight = nn.Parameter(weight)
         self.mode = FULL
         self.rank = None
-        self.structure_version += 1
+        self._finish()
 
     @torch.no_grad()
     def set_factors(self, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -184,7 +184,7 @@ class ABLayer(nn.Module):
         self.B = nn.Parameter(b.to(device=device, dtype=dtype).contiguous())
         self.mode = AB
         self.rank = a.shape[1]
-        self.structure_version += 1
+        self._finish()
 
     @torch.no_grad()
     def orthogonalize(self) -> None:
@@ -210,6 +210,13 @@ class ABLayer(nn.Module):
         for name in ("weight", "A", "B"):
             if name in self._parameters:
                 del self._parameters[name]
+        # Keep the registration order [weight | A, B], bias: the new tensors are registered
+        # next, and the bias is re-appended after them by _finish().
+        self.__dict__["_pending_bias"] = self._parameters.pop("bias", None)
+
+    def _finish(self) -> None:
+        self.register_parameter("bias", self.__dict__.pop("_pending_bias", None))
+        self.structure_version += 1
 
     # ------------------------------------------------------------------ forward
     def use_factored(self, positions: int) -> bool:
@@ -248,7 +255,7 @@ class ABLayer(nn.Module):
             self.A = nn.Parameter(torch.empty(a.shape, dtype=dtype, device=device))
             self.B = nn.Parameter(torch.empty(b.shape, dtype=dtype, device=device))
             self.mode, self.rank = AB, a.shape[1]
-            self.structure_version += 1
+            self._finish()
         elif f"{prefix}A" in state_dict and tuple(state_dict[f"{prefix}A"].shape) != tuple(
                 self.A.shape):
             a, b = state_dict[f"{prefix}A"], state_dict[f"{prefix}B"]
@@ -259,7 +266,7 @@ class ABLayer(nn.Module):
             self.weight = nn.Parameter(torch.empty(self.weight_shape, dtype=dtype,
                                                    device=device))
             self.mode, self.rank = FULL, None
-            self.structure_version += 1
+            self._finish()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

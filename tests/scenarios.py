@@ -1,0 +1,262 @@
+"""Multi-process training scenarios for the core tests. Every function here runs on each rank
+of a real gloo world (tests/distributed.py) and returns plain tensors and dicts; the tests
+assert on what the ranks return."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ab_accel import (
+    ABConfig,
+    ABOptimizer,
+    compression,
+    convert,
+    load_checkpoint,
+    merge,
+    save_checkpoint,
+)
+from ab_accel.model import ab_layers
+
+SYNC_MODES = ("with-stale", "only-learned", "full", "only-b")
+
+
+def small_cnn() -> nn.Module:
+    """Stem conv (dense) -> BN -> conv (AB) -> BN -> linear (AB) -> linear (AB) -> head (dense)."""
+    return nn.Sequential(
+        # No conv bias before a BatchNorm: its gradient is pure rounding noise, which Adam
+        # would amplify into different updates under any change of summation order.
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 64), nn.ReLU(),
+        nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10),
+    )
+
+
+def batch(rank: int, step: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic per-(rank, step) data, so a resumed run sees the same batches."""
+    g = torch.Generator().manual_seed(1000 * step + rank + 7)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return x, y
+
+
+def loss_of(model: nn.Module, rank: int, step: int) -> torch.Tensor:
+    x, y = batch(rank, step)
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def flat_named(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out.update({f"buffer:{n}": b.detach().clone() for n, b in model.named_buffers()
+                if b.is_floating_point()})
+    return out
+
+
+class CollectiveSpy:
+    """Counts the bytes of every torch.distributed collective call that really runs.
+
+    It wraps (does not replace) dist.all_reduce / dist.broadcast / dist.all_gather: the real
+    collective still runs; the spy only adds up the sizes of the tensors passed in.
+    """
+
+    NAMES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter")
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.calls = 0
+        self.groups: list[tuple[int, ...]] = []
+        self._orig: dict[str, Callable] = {}
+
+    def __enter__(self) -> CollectiveSpy:
+        for name in self.NAMES:
+            orig = getattr(dist, name)
+            self._orig[name] = orig
+
+            def wrapper(tensor, *args, _orig=orig, **kwargs):
+                self.calls += 1
+                self.bytes += tensor.numel() * tensor.element_size()
+                group = kwargs.get("group")
+                ranks = tuple(dist.get_process_group_ranks(group)) if group is not None \
+                    else tuple(range(dist.get_world_size()))
+                self.groups.append(ranks)
+                return _orig(tensor, *args, **kwargs)
+
+            setattr(dist, name, wrapper)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, orig in self._orig.items():
+            setattr(dist, name, orig)
+
+
+def dp_equivalent_bytes_per_step(model_factory: Callable[[], nn.Module]) -> int:
+    """What DDP all-reduces per step for the DENSE model: all grads plus float buffers."""
+    m = model_factory()
+    return (sum(p.numel() * p.element_size() for p in m.parameters())
+            + sum(b.numel() * b.element_size() for b in m.buffers() if b.is_floating_point()))
+
+
+def invariants(rank: int, world: int, group_size: int, optimizer_name: str,
+               modes: tuple[str, ...] = SYNC_MODES) -> dict[str, Any]:
+    """Train the small CNN through warm-up, two AB cycles and into a third, once per sync mode,
+    recording everything the invariants are checked on."""
+    results: dict[str, Any] = {}
+    for mode in modes:
+        gs = world if (mode == "only-b" and world == 4) else group_size
+        cfg = ABConfig(warmup_steps=3, sync_every=6, rebound_steps=2, lr_rebound_steps=2,
+                       rank_cutoff=0.7, sync_mode=mode, group_size=gs)
+        results[mode] = _run_mode(rank, world, cfg, optimizer_name)
+    return results
+
+
+def _make_opt(name: str, params) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01)
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+def _run_mode(rank: int, world: int, cfg: ABConfig, optimizer_name: str) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = small_cnn()
+    reference = copy.deepcopy(model)  # plain DDP twin for the warm-up steps
+    convert(model, cfg)
+    total = cfg.warmup_steps + 2 * cfg.sync_every + 2
+    spy = CollectiveSpy()
+    with spy:
+        opt = ABOptimizer(_make_opt(optimizer_name, model.parameters()), model, cfg)
+    ddp = DDP(reference)
+    ddp_opt = _make_opt(optimizer_name, ddp.parameters())
+
+    rec: dict[str, Any] = {"steps": [], "group_ranks": list(opt.groups.group_ranks),
+                           "pg_ranks": dist.get_process_group_ranks(opt.groups.group)
+                           if opt.groups.group is not None else None,
+                           "role_plan": list(opt.groups.plan.roles)}
+    for t in range(total):
+        phase = opt.phase
+        role = opt.role
+        entry: dict[str, Any] = {"t": t, "phase": phase, "role": role}
+        if phase == "rebound":
+            # The reduced gradients of a rebound step are DDP's on the same weights and data.
+            twin = DDP(merge(copy.deepcopy(model)))
+            loss_of(twin, rank, t).backward()
+            entry["ddp_grads"] = {n: p.grad.clone() for n, p in twin.module.named_parameters()}
+        before_sync_factors = None
+        if phase == "ab" and cfg.sync_every - cfg.rebound_steps - 1 == \
+                (t - cfg.warmup_steps) % cfg.sync_every:
+            before_sync_factors = "pending"
+        loss = loss_of(model, rank, t)
+        loss.backward()
+        with spy:
+            opt.synchronize()
+        if phase == "rebound":
+            entry["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()
+                              if p.grad is not None}
+        if before_sync_factors == "pending":
+            # Capture the factors after this last AB update, right before the sync runs.
+            orig_sync = opt._sync
+
+            def capture(orig=orig_sync, entry=entry):
+                entry["pre_sync"] = {n: (layer.A.detach().clone(), layer.B.detach().clone())
+                                     for n, layer in ab_layers(model)}
+                entry["pre_sync_dense"] = {n: p.detach().clone() for n, p in
+                                           model.named_parameters()
+                                           if not n.endswith((".A", ".B"))}
+                orig()
+
+            opt._sync = capture
+        orig_event = opt._run_event
+
+        def snapshot_then_switch(event, orig=orig_event, entry=entry):
+            # The parameters as the step left them, before any switch restructures them.
+            entry.setdefault("pre_switch", flat_named(model))
+            orig(event)
+
+        opt._run_event = snapshot_then_switch
+        with spy:
+            opt.step()
+        opt.zero_grad()
+        del opt._run_event  # back to the class method
+        if "pre_sync" in entry:
+            del opt._sync
+        if phase == "warmup":
+            loss_of(ddp, rank, t).backward()
+            ddp_opt.step()
+            ddp_opt.zero_grad()
+            entry["ddp_params"] = {n: p.detach().clone() for n, p in
+                                   ddp.module.named_parameters()}
+        entry["params"] = flat_named(model)
+        entry["loss"] = loss.item()
+        entry["ranks"] = dict(opt.ranks)
+        factor_names = {f"{n}.{k}" for n, _ in ab_layers(model) for k in ("weight", "A", "B")}
+        entry["dense_state"] = {
+            f"{n}:{k}": v.clone()
+            for n, p in model.named_parameters() if n not in factor_names
+            for k, v in opt.optimizer.state.get(p, {}).items()
+            if torch.is_tensor(v) and v.is_floating_point() and v.dim() > 0
+        }
+        rec["steps"].append(entry)
+    rec["summary"] = opt.traffic.summary()
+    rec["records"] = opt.traffic.records
+    rec["spy_bytes"] = spy.bytes
+    rec["spy_calls"] = spy.calls
+    rec["spy_groups"] = spy.groups
+    rec["dp_step_bytes"] = dp_equivalent_bytes_per_step(small_cnn)
+    rec["compression"] = compression(model)
+    x, _ = batch(rank, 999)
+    model.eval()
+    with torch.no_grad():
+        ab_out = model(x)
+        merged = merge(copy.deepcopy(model))
+        rec["merge_diff"] = (merged(x) - ab_out).abs().max().item()
+    return rec
+
+
+def resume(rank: int, world: int, stop_at: int, total: int, mode: str) -> dict[str, Any]:
+    """Uninterrupted run vs. a run checkpointed at ``stop_at`` (mid-AB-phase) and resumed in
+    fresh objects; returns both final states."""
+    cfg = ABConfig(warmup_steps=2, sync_every=6, rebound_steps=1, lr_rebound_steps=2,
+                   rank_cutoff=0.5, sync_mode=mode)
+
+    def fresh() -> tuple[nn.Module, ABOptimizer]:
+        torch.manual_seed(0)
+        model = convert(small_cnn(), cfg)
+        return model, ABOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3), model, cfg)
+
+    def train(model, opt, start, end):
+        for t in range(start, end):
+            loss_of(model, rank, t).backward()
+            opt.step()
+            opt.zero_grad()
+
+    model, opt = fresh()
+    train(model, opt, 0, total)
+    straight = flat_named(model)
+
+    model, opt = fresh()
+    train(model, opt, 0, stop_at)
+    phase_at_stop, role_at_stop = opt.phase, opt.role
+    shared = os.environ.get("AB_TEST_CKPT")
+    if rank == 0:
+        path = tempfile.mkdtemp(prefix="ab_ckpt_")
+        obj = [path]
+    else:
+        obj = [None]
+    dist.broadcast_object_list(obj, src=0)
+    path = shared or obj[0]
+    save_checkpoint(path, model, opt)
+    del model, opt
+    model, opt = fresh()  # a new process would start here: dense model, step 0
+    load_checkpoint(path, model, opt)
+    resumed_step = opt.step_count
+    train(model, opt, resumed_step, total)
+    return {"straight": straight, "resumed": flat_named(model), "phase_at_stop": phase_at_stop,
+            "role_at_stop": role_at_stop, "resumed_step": resumed_step}

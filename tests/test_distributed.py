@@ -1,0 +1,205 @@
+"""DESIGN.md's invariants, proven with real gloo processes: 4 ranks (one A-group, one B-group)
+with AdamW, and 8 ranks with group_size 2 (two A-groups, two B-groups) with SGD + momentum, for
+every sync mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from distributed import run_distributed
+
+import scenarios
+
+ATOL = 1e-6
+
+
+@pytest.fixture(scope="module", params=[(4, 2, "adamw"), (8, 2, "sgd")],
+                ids=["4ranks-adamw", "8ranks-gs2-sgd"])
+def runs(request):
+    world, group_size, opt_name = request.param
+    results = run_distributed(scenarios.invariants, world, group_size, opt_name)
+    return world, results
+
+
+def _same(a: dict, b: dict, atol: float = 0.0) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.allclose(a[k], b[k], atol=atol, rtol=0) for k in a)
+
+
+def _groups(rec_by_rank):
+    groups: dict[tuple, list[int]] = {}
+    for r, rec in enumerate(rec_by_rank):
+        groups.setdefault(tuple(rec["group_ranks"]), []).append(r)
+    return list(groups.values())
+
+
+@pytest.mark.parametrize("mode", scenarios.SYNC_MODES)
+def test_warmup_steps_match_ddp(runs, mode):
+    _, results = runs
+    for rec in (r[mode] for r in results):
+        warm = [e for e in rec["steps"] if e["phase"] == "warmup"]
+        assert len(warm) == 3
+        for e in warm:
+            params = e.get("pre_switch", e["params"])
+            ours = {k: v for k, v in params.items() if not k.startswith("buffer:")}
+            assert _same(ours, e["ddp_params"], atol=ATOL), f"step {e['t']} differs from DDP"
+
+
+@pytest.mark.parametrize("mode", scenarios.SYNC_MODES)
+def test_rebound_gradients_are_ddp_gradients(runs, mode):
+    _, results = runs
+    for rec in (r[mode] for r in results):
+        rebound = [e for e in rec["steps"] if e["phase"] == "rebound"]
+        assert len(rebound) == 4
+        for e in rebound:
+            assert _same(e["grads"], e["ddp_grads"], atol=ATOL), f"step {e['t']}"
+
+
+@pytest.mark.parametrize("mode", scenarios.SYNC_MODES)
+def test_ab_phase_group_local_identity_and_divergence(runs, mode):
+    world, results = runs
+    recs = [r[mode] for r in results]
+    groups = _groups(recs)
+    expected_groups = world // (world if (mode == "only-b" and world == 4) else 2)
+    assert len(groups) == expected_groups
+    ab_steps = [i for i, e in enumerate(recs[0]["steps"]) if e["phase"] == "ab"]
+    assert len(ab_steps) == 10
+    diverged = 0
+    for i in ab_steps:
+        for members in groups:
+            first = recs[members[0]]["steps"][i]["params"]
+            for r in members[1:]:
+                assert _same(first, recs[r]["steps"][i]["params"]), \
+                    f"ranks {members[0]} and {r} of one group differ after AB step {i}"
+        if len(groups) > 1:
+            a, b = recs[groups[0][0]]["steps"][i]["params"], \
+                recs[groups[-1][0]]["steps"][i]["params"]
+            diverged += not _same(a, b)
+    if len(groups) > 1:
+        # Groups see different data: after every AB step (bar a sync boundary) they differ.
+        assert diverged >= len(ab_steps) - 2
+
+
+@pytest.mark.parametrize("mode", scenarios.SYNC_MODES)
+def test_frozen_factor_never_changes(runs, mode):
+    _, results = runs
+    for rec in (r[mode] for r in results):
+        steps = rec["steps"]
+        for i, e in enumerate(steps):
+            if e["phase"] != "ab" or i == 0 or steps[i - 1]["phase"] != "ab":
+                continue
+            if steps[i - 1]["ranks"] != e["ranks"] or any(v is None for v in e["ranks"].values()):
+                continue  # a switch ran at the end of this step
+            frozen = {"A": ".B", "B": ".A"}.get(e["role"])
+            assert frozen, f"role {e['role']} in an AB phase"
+            keys = [k for k in e["params"] if k.endswith(frozen)]
+            assert keys
+            for k in keys:
+                assert torch.equal(steps[i - 1]["params"][k], e["params"][k]), \
+                    f"{e['role']}-group rank changed {k} at step {e['t']}"
+            trained = {"A": ".A", "B": ".B"}[e["role"]]
+            assert any(not torch.equal(steps[i - 1]["params"][k], e["params"][k])
+                       for k in e["params"] if k.endswith(trained))
+
+
+@pytest.mark.parametrize("mode", scenarios.SYNC_MODES)
+def test_ab_phase_collectives_stay_inside_the_group(runs, mode):
+    world, results = runs
+    for rank, rec in enumerate(r[mode] for r in results):
+        own = tuple(rec["group_ranks"])
+        assert rank in own
+        if rec["pg_ranks"] is not None:  # the process group itself holds exactly the group
+            assert tuple(rec["pg_ranks"]) == own
+        ab_rows = [row for row in rec["records"] if row["phase"] == "ab"]
+        assert ab_rows, "no AB-phase collective recorded"
+        for row in ab_rows:
+            assert tuple(row["group"]) == own
+        if len(own) < world:
+            assert all(len(row["group"]) == world for row in rec["records"]
+                       if row["phase"] != "ab")
+
+
+@pytest.mark.parametrize("mode", scenarios.SYNC_MODES)
+def test_all_ranks_identical_after_every_sync(runs, mode):
+    _, results = runs
+    recs = [r[mode] for r in results]
+    for i, e in enumerate(recs[0]["steps"]):
+        if e["phase"] == "ab" and e["ranks"] and all(v is None for v in e["ranks"].values()):
+            for r in range(1, len(recs)):
+                assert _same(e["params"], recs[r]["steps"][i]["params"]), \
+                    f"rank {r} differs from rank 0 after the sync at step {e['t']}"
+                assert _same(e["dense_state"], recs[r]["steps"][i]["dense_state"],
+                             atol=1e-7), "dense optimizer state not averaged at sync"
+
+
+@pytest.mark.parametrize("mode", scenarios.SYNC_MODES)
+def test_sync_follows_its_mode(runs, mode):
+    """The weight after a sync is what the sync mode says, computed from every rank's factors."""
+    _, results = runs
+    recs = [r[mode] for r in results]
+    roles = [e["role"] for e in (rec["steps"][3] for rec in recs)]
+    syncs = [i for i, e in enumerate(recs[0]["steps"]) if "pre_sync" in e]
+    assert len(syncs) == 2
+    for i in syncs:
+        for name in recs[0]["steps"][i]["pre_sync"]:
+            a = torch.stack([rec["steps"][i]["pre_sync"][name][0] for rec in recs])
+            b = torch.stack([rec["steps"][i]["pre_sync"][name][1] for rec in recs])
+            if mode == "with-stale":
+                expected = a.mean(0) @ b.mean(0)
+            elif mode == "only-learned":
+                is_a = torch.tensor([r == "A" for r in roles])
+                expected = a[is_a].mean(0) @ b[~is_a].mean(0)
+            elif mode == "full":
+                expected = torch.stack([x @ y for x, y in zip(a, b)]).mean(0)
+            else:  # only-b: A was never trained, so every rank holds the same A
+                assert all(torch.equal(a[0], x) for x in a)
+                expected = a[0] @ b.mean(0)
+            after = recs[0]["steps"][i]["params"][f"{name}.weight"]
+            got = after.reshape(expected.shape[0], -1)
+            assert torch.allclose(got, expected, atol=1e-5), f"{mode} sync of {name}"
+        dense_names = recs[0]["steps"][i]["pre_sync_dense"].keys()
+        for n in dense_names:
+            mean = torch.stack([rec["steps"][i]["pre_sync_dense"][n] for rec in recs]).mean(0)
+            assert torch.allclose(recs[0]["steps"][i]["params"][n], mean, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", scenarios.SYNC_MODES)
+def test_meter_counts_what_really_went_through_torch_distributed(runs, mode):
+    world, results = runs
+    for rec in (r[mode] for r in results):
+        s = rec["summary"]
+        assert s["bytes"] == rec["spy_bytes"]
+        assert s["calls"] == rec["spy_calls"]
+        assert s["bytes"] == sum(s["bytes_by_phase"].values())
+        steps = len(rec["steps"])
+        assert s["dp_equivalent_bytes"] == steps * rec["dp_step_bytes"]
+        assert s["dp_equivalent_wire_bytes"] == pytest.approx(
+            steps * rec["dp_step_bytes"] * 2 * (world - 1) / world)
+        assert s["reduction"] == pytest.approx(1 - s["wire_bytes"] / s["dp_equivalent_wire_bytes"])
+        # An AB step sends less than a DP step: the factor is smaller than the weight.
+        ab_per_step = s["bytes_by_phase"]["ab"] / s["steps_by_phase"]["ab"]
+        dp_per_step = s["bytes_by_phase"]["warmup"] / s["steps_by_phase"]["warmup"]
+        assert ab_per_step < dp_per_step
+
+
+@pytest.mark.parametrize("mode", scenarios.SYNC_MODES)
+def test_truncation_compresses_and_merge_matches(runs, mode):
+    _, results = runs
+    for rec in (r[mode] for r in results):
+        comp = rec["compression"]
+        assert comp["params_now"] < comp["params_dense"]
+        assert comp["factorized_ratio"] > 1.3
+        # The cut truncated below the break-even rank (a factorized layer smaller than dense).
+        assert any(layer["rank"] < layer["max_rank"] for layer in comp["layers"].values())
+        assert rec["merge_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["with-stale", "only-learned"])
+def test_resume_mid_ab_phase_continues_exactly(mode):
+    results = run_distributed(scenarios.resume, 4, 5, 12, mode)
+    for rank, res in enumerate(results):
+        assert res["phase_at_stop"] == "ab"
+        assert res["role_at_stop"] == ("A" if rank < 2 else "B")
+        assert res["resumed_step"] == 5
+        for k, v in res["straight"].items():
+            assert torch.equal(v, res["resumed"][k]), f"rank {rank}: {k} differs after resume"
