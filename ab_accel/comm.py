@@ -184,7 +184,7 @@ class Communicator:
         tensors = list(tensors)
         if len(ranks) <= 1 or not self.active() or not tensors:
             if weights is not None and divisor is not None:
-                for t, w in zip(tensors, weights):
+                for t, w in zip(tensors, weights, strict=True):
                     t.mul_(w / divisor)
             return
         denom = float(divisor if divisor is not None else len(ranks))

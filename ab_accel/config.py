@@ -255,7 +255,8 @@ class ABConfig:
                 try:
                     ds_config = json.load(fh)
                 except json.JSONDecodeError as exc:
-                    raise ABConfigError(f"DeepSpeed config {path!r} is not valid JSON: {exc}")
+                    raise ABConfigError(
+                        f"DeepSpeed config {path!r} is not valid JSON: {exc}") from exc
         if not isinstance(ds_config, dict):
             raise ABConfigError(
                 f"A DeepSpeed config must be a dict or a JSON file path, got "

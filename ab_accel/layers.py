@@ -363,7 +363,8 @@ class ABConv2d(ABLayer):
         if self.padding == "same":
             return batch * h * w
         sizes = []
-        for size, k, s, d, p in zip((h, w), self.kernel_size, self.stride, self.dilation, pads):
+        for size, k, s, d, p in zip((h, w), self.kernel_size, self.stride, self.dilation, pads,
+                                    strict=True):
             sizes.append(max(1, (size + 2 * p - d * (k - 1) - 1) // s + 1))
         return batch * sizes[0] * sizes[1]
 

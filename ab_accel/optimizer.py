@@ -228,7 +228,7 @@ class ABOptimizer(torch.optim.Optimizer):
     def _refresh(self) -> None:
         """Point the wrapped optimizer at the tensors that exist now; drop stale state."""
         live: set[int] = set()
-        for group, slots in zip(self.optimizer.param_groups, self._slots):
+        for group, slots in zip(self.optimizer.param_groups, self._slots, strict=True):
             params: list[nn.Parameter] = []
             for slot in slots:
                 if isinstance(slot, ABLayer):
@@ -287,7 +287,7 @@ class ABOptimizer(torch.optim.Optimizer):
             kind = grads[0] if grads else torch.empty(0)
             used = torch.tensor(flags, dtype=kind.dtype, device=kind.device)
             self.comm.mean_(grads + [used] + self._buffers, group, ranks, self.phase)
-            for p, u in zip(params, used.tolist()):
+            for p, u in zip(params, used.tolist(), strict=True):
                 if u == 0.0:
                     p.grad = None
         self._reduced = True
@@ -313,7 +313,7 @@ class ABOptimizer(torch.optim.Optimizer):
         try:
             self.optimizer.step()
         finally:
-            for g, lr in zip(self.optimizer.param_groups, saved):
+            for g, lr in zip(self.optimizer.param_groups, saved, strict=True):
                 g["lr"] = lr
             self._reduced = False
         self.traffic.record_step(phase, self._dp_bytes, self.world_size)
@@ -347,7 +347,7 @@ class ABOptimizer(torch.optim.Optimizer):
         proposed = [layer.proposed_rank(cfg.rank_cutoff, cfg.min_rank) for layer in layers]
         world, ranks = self.groups.world, self._world_ranks
         agreed = self.comm.max_int(proposed, world, ranks, "sync")
-        for layer, rank in zip(layers, agreed):
+        for layer, rank in zip(layers, agreed, strict=True):
             layer.factorize(rank)
         if not self.comm.agree([_digest(layers)], world, ranks, "sync"):
             # Mixed hardware gave different SVDs: take rank 0's factors.
@@ -366,7 +366,7 @@ class ABOptimizer(torch.optim.Optimizer):
         if mode == "full":
             mats = [layer.matrix() for layer in layers]
             self.comm.mean_(mats + dense, world, ranks, "sync")
-            for layer, mat in zip(layers, mats):
+            for layer, mat in zip(layers, mats, strict=True):
                 layer.to_full()
                 layer.weight.copy_(layer._matrix_to_weight(mat))
         elif mode == "only-learned":

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed import run_distributed
 
 import scenarios
+from distributed import run_distributed
 
 ATOL = 1e-6
 
@@ -150,7 +150,7 @@ def test_sync_follows_its_mode(runs, mode):
                 is_a = torch.tensor([r == "A" for r in roles])
                 expected = a[is_a].mean(0) @ b[~is_a].mean(0)
             elif mode == "full":
-                expected = torch.stack([x @ y for x, y in zip(a, b)]).mean(0)
+                expected = torch.stack([x @ y for x, y in zip(a, b, strict=True)]).mean(0)
             else:  # only-b: A was never trained, so every rank holds the same A
                 assert all(torch.equal(a[0], x) for x in a)
                 expected = a[0] @ b.mean(0)

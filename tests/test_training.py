@@ -4,10 +4,11 @@ across phase switches, the test accuracy is high, the model ends compressed."""
 from __future__ import annotations
 
 import torch
-from distributed import run_distributed
 from torch import nn
 
 from ab_accel import ABConfig, ABOptimizer, compression, convert
+
+from distributed import run_distributed
 
 
 def train_digits(rank: int, world: int) -> dict:
