@@ -68,7 +68,11 @@ class ABOptimizer(torch.optim.Optimizer):
             raise TypeError("optimizer is already an ABOptimizer")
         self.optimizer = optimizer
         self.config = ABConfig() if config is None else ABConfig.from_dict(config)
-        self.schedule = ABSchedule.from_config(self.config)
+        if self.config.enabled:
+            self.schedule = ABSchedule.from_config(self.config)
+        else:
+            # Disabled: a warm-up that never ends, i.e. plain data parallel (still metered).
+            self.schedule = ABSchedule(warmup_steps=2**62, sync_every=1, rebound_steps=0)
         self.traffic = TrafficMeter()
         self.comm = Communicator(self.traffic)
         self.process_group = process_group
@@ -243,6 +247,8 @@ class ABOptimizer(torch.optim.Optimizer):
         self._structure = self._structure_version()
 
     def _apply_roles(self) -> None:
+        if self.groups is None:
+            return
         role = self.groups.role if self.phase == "ab" else None
         for _, layer in self._layers:
             layer.set_role(role if layer.mode == AB else None)
@@ -427,6 +433,13 @@ class ABOptimizer(torch.optim.Optimizer):
             self.optimizer.load_state_dict(state_dict)
             return
         ab = state_dict["ab"]
+        if self.model is None:
+            # Not bound yet (e.g. Accelerate moving optimizer state to the device during
+            # prepare): the parameter lists are the constructor's, restore as they are.
+            self._step = int(ab["step"])
+            self.traffic.load_state_dict(ab["traffic"])
+            self.optimizer.load_state_dict(state_dict["optimizer"])
+            return
         if self.groups is not None and ab["world_size"] != self.world_size:
             raise ValueError(
                 f"This AB checkpoint was written by {ab['world_size']} ranks and is loaded by "

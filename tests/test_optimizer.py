@@ -166,3 +166,22 @@ def test_lr_scheduler_accepts_the_ab_optimizer():
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
     train(model, opt, 0, 10, sched)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_disabled_config_is_plain_data_parallel_forever():
+    cfg = ABConfig(enabled=False, **CFG)
+    model = mlp()
+    opt = ABOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, cfg)
+    train(model, opt, 0, 12)
+    assert opt.phase == "warmup" and opt.role is None
+    assert opt.traffic.summary()["steps_by_phase"] == {"warmup": 12}
+
+
+def test_unbound_optimizer_round_trips_its_state():
+    cfg = ABConfig(**CFG)
+    model = convert(mlp(), cfg)
+    opt = ABOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), None, cfg)
+    opt.load_state_dict(opt.state_dict())  # what Accelerate does before we bind
+    opt.bind(model)
+    train(model, opt, 0, 4)
+    assert opt.phase == "ab"
