@@ -86,6 +86,7 @@ class ABOptimizer(torch.optim.Optimizer):
         self._buffers: list[torch.Tensor] = []
         self._dp_bytes = 0
         self._structure = -1
+        self._finalized = False
         self.last_switch: dict[str, Any] = {}
         self._optimizer_step_pre_hooks: dict = {}
         self._optimizer_step_post_hooks: dict = {}
@@ -309,6 +310,10 @@ class ABOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._finalized:
+            raise RuntimeError(
+                "step() after sync_now(): the groups were reconciled mid-AB-phase for export, "
+                "so the model no longer matches the schedule. Call sync_now() only at the end.")
         phase = self.phase
         self.synchronize()
         factor = self.schedule.lr_factor(self._step)
@@ -327,6 +332,21 @@ class ABOptimizer(torch.optim.Optimizer):
         for event in self.schedule.events(self._step):
             self._run_event(event)
         return loss
+
+    def sync_now(self) -> bool:
+        """Reconcile the groups now (as at a scheduled sync) and leave every layer dense.
+
+        For the end of training (export, final evaluation): a run that stops mid-AB-phase leaves
+        the groups with different factors. Returns True when a sync ran (False outside an AB
+        phase, where all ranks already agree). Collective: every rank must call it. Training
+        cannot continue after a sync_now() that ran: ``step()`` refuses.
+        """
+        if self.model is None or not any(layer.mode == AB for _, layer in self._layers):
+            return False
+        self._reduced = False
+        self._run_event(SYNC)
+        self._finalized = True
+        return True
 
     @property
     def lr_factor(self) -> float:

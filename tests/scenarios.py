@@ -260,3 +260,24 @@ def resume(rank: int, world: int, stop_at: int, total: int, mode: str) -> dict[s
     train(model, opt, resumed_step, total)
     return {"straight": straight, "resumed": flat_named(model), "phase_at_stop": phase_at_stop,
             "role_at_stop": role_at_stop, "resumed_step": resumed_step}
+
+
+def sync_now_mid_ab(rank: int, world: int) -> dict[str, Any]:
+    """Stop mid-AB-phase and reconcile for export: every rank ends with the same dense model."""
+    cfg = ABConfig(warmup_steps=1, sync_every=6, rebound_steps=1, rank_cutoff=0.5)
+    torch.manual_seed(0)
+    model = convert(small_cnn(), cfg)
+    opt = ABOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3), model, cfg)
+    for t in range(3):
+        loss_of(model, rank, t).backward()
+        opt.step()
+        opt.zero_grad()
+    before = flat_named(model)
+    ran = opt.sync_now()
+    refused = False
+    try:
+        opt.step()
+    except RuntimeError:
+        refused = True
+    return {"before": before, "after": flat_named(model), "ran": ran, "refused": refused,
+            "modes": [layer.mode for _, layer in ab_layers(model)]}

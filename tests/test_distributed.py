@@ -203,3 +203,12 @@ def test_resume_mid_ab_phase_continues_exactly(mode):
         assert res["resumed_step"] == 5
         for k, v in res["straight"].items():
             assert torch.equal(v, res["resumed"][k]), f"rank {rank}: {k} differs after resume"
+
+
+def test_sync_now_reconciles_a_run_stopped_mid_ab_phase():
+    results = run_distributed(scenarios.sync_now_mid_ab, 4)
+    assert not _same(results[0]["before"], results[2]["before"])  # A- and B-group differed
+    for res in results:
+        assert res["ran"] and res["refused"]
+        assert set(res["modes"]) == {"full"}
+        assert _same(res["after"], results[0]["after"])
