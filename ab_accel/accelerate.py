@@ -1,0 +1,501 @@
+"""AB-training in a Hugging Face Accelerate script: one changed line.
+
+    model, opt, train_dl, sched = accelerator.prepare(model, opt, train_dl, sched)  # before
+    model, opt, train_dl, sched = ab_accel.prepare(accelerator, model, opt, train_dl, sched)
+
+:func:`prepare` converts the model (:func:`ab_accel.convert`, before ``accelerator.prepare`` so
+that Accelerate places the AB layers like any other module), wraps the optimizer in an
+:class:`~ab_accel.ABOptimizer` unless it is one, prepares everything with Accelerate, takes
+gradient reduction and buffer broadcast away from DDP (the DDP model stays in ``no_sync`` for
+good: the ABOptimizer averages over the world in warm-up and rebound, inside the group in an AB
+phase), and binds the optimizer to the prepared model.
+
+The returned optimizer is Accelerate's own wrapper (``AcceleratedOptimizer``, so gradient
+accumulation, ``step_was_skipped`` and LR schedulers keep working) with the AB attributes added:
+``opt.phase``, ``opt.role``, ``opt.traffic``, ``opt.step_count``, ``opt.ranks``,
+``opt.synchronize()`` and ``opt.ab_optimizer`` (the :class:`~ab_accel.ABOptimizer`, also
+reachable as ``opt.optimizer`` or with :func:`ab_optimizer`).
+
+What else :func:`prepare` sets up (DDP or one process; under DeepSpeed,
+:func:`ab_accel.deepspeed.attach` does the same on the engine, whose ``gradient_clipping``,
+``save_checkpoint`` and ``load_checkpoint`` Accelerate calls):
+
+* ``accelerator.clip_grad_norm_`` / ``clip_grad_value_`` first reduce the gradients
+  (:meth:`ABOptimizer.synchronize`) on an accumulation boundary, so they clip the REDUCED
+  gradients, as they do under plain DDP. Inside an accumulation window nothing is reduced.
+* ``accelerator.save_state`` also writes one shard per group (:mod:`ab_accel.checkpoint`) into
+  ``<output_dir>/ab_training/`` (a save-state pre-hook): mid-AB-phase the groups hold different
+  factors and optimizer states, while Accelerate saves the model and the optimizer from the
+  main process only. ``accelerator.load_state`` restores each rank's own group shard (a
+  load-state pre-hook) and keeps Accelerate from loading the main process's model and
+  optimizer files over it.
+* The DDP model does not manage the AB layers' weights (``_ddp_params_and_buffers_to_ignore``):
+  its reducer would otherwise keep every dense W alive after a factorization released it.
+
+Refused, before anything is changed: FSDP, Megatron-LM, XLA/TPU, tensor or context
+parallelism, fp16 and fp8 mixed precision, ``torch.compile`` through Accelerate, and DDP
+communication hooks or ``static_graph``: each error says what to use instead. DeepSpeed is
+handed to :mod:`ab_accel.deepspeed` (``check_config`` before, ``attach`` after preparing).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Any
+
+import torch
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import DistributedType
+from torch import nn
+
+from .checkpoint import META, load_checkpoint, save_checkpoint
+from .config import ABConfig, ABConfigError
+from .model import ab_layers, convert
+from .optimizer import ABOptimizer
+
+#: Sub-folder of an ``accelerator.save_state`` folder that holds the per-group AB shards.
+CHECKPOINT_DIR = "ab_training"
+
+_DDP_TYPES = {
+    "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
+    "MULTI_XPU", "MULTI_HPU", "MULTI_NEURON",
+}
+
+_USE_DDP = ("Use plain data parallel instead (`accelerate launch --multi_gpu "
+            "--num_processes N`, which wraps the model in DDP; ab_accel takes the gradient "
+            "reduction over from DDP)")
+
+_REFUSED = {
+    "FSDP": (
+        "AB-training cannot run under FSDP: FSDP shards every parameter over the whole world, "
+        "while AB-training trains different, shape-changing factors in different groups. "
+        + _USE_DDP + ", or DeepSpeed ZeRO stage 0 through ab_accel.deepspeed."
+    ),
+    "MEGATRON_LM": (
+        "AB-training cannot run under Megatron-LM: its tensor/pipeline parallel layers are not "
+        "nn.Linear layers ab_accel can factorize, and it owns the gradient reduction. "
+        + _USE_DDP + "."
+    ),
+    "XLA": (
+        "AB-training does not support XLA/TPU: its reductions go through torch.distributed "
+        "process groups built per A-group and B-group, which XLA does not run. Train on GPUs "
+        "or CPUs with `accelerate launch --multi_gpu`."
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------- public
+def ab_optimizer(obj: Any) -> ABOptimizer:
+    """The :class:`~ab_accel.ABOptimizer` inside ``obj``.
+
+    ``obj`` may be the ABOptimizer itself, the optimizer :func:`prepare` returned (Accelerate's
+    ``AcceleratedOptimizer`` or DeepSpeed wrapper) or a DeepSpeed engine: the ``.optimizer``
+    chain is followed until the ABOptimizer is found.
+    """
+    seen: set[int] = set()
+    current = obj
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ABOptimizer):
+            return current
+        seen.add(id(current))
+        current = getattr(current, "optimizer", None)
+    raise TypeError(
+        f"No ABOptimizer inside {type(obj).__name__}: pass the optimizer returned by "
+        f"ab_accel.prepare (or ab_accel.deepspeed.initialize)."
+    )
+
+
+def prepare(accelerator: Any, *objects: Any, config: ABConfig | dict | None = None) -> Any:
+    """``accelerator.prepare(*objects)`` with AB-training (arXiv 2405.01067).
+
+    Args:
+        accelerator: the ``accelerate.Accelerator`` of the script.
+        *objects: what ``accelerator.prepare`` takes (models, optimizers, data loaders, LR
+            schedulers), in any order. Exactly one optimizer, and the model it trains, must be
+            among them; other models, data loaders and schedulers are prepared as Accelerate
+            does. The optimizer may be a plain torch optimizer (it is wrapped in an
+            ABOptimizer) or an ABOptimizer built with ``model=None``.
+        config: an :class:`ABConfig` or a dict of its fields. ``None``: the ABOptimizer's own
+            config if one is passed, else the ``"ab_training"`` key of the accelerator's
+            DeepSpeed config when there is one, else the defaults (group_size = world / 2:
+            one A-group and one B-group).
+
+    Returns:
+        The prepared objects in the order given (a single object unwrapped, as Accelerate
+        does). The optimizer is Accelerate's wrapper with ``phase``, ``role``, ``traffic``,
+        ``step_count``, ``ranks``, ``synchronize()`` and ``ab_optimizer`` added.
+
+    Raises:
+        ABConfigError: a bad setting, or groups that do not fit the world.
+        NotImplementedError: a setup AB-training cannot run (FSDP, Megatron-LM, XLA, fp16,
+            ...); the message says what to use instead.
+        ValueError / TypeError: the objects do not hold one optimizer and its model.
+    """
+    opt_index, model_index = _find_optimizer_and_model(objects)
+    given = objects[opt_index]
+    cfg = _resolve_config(accelerator, given, config)
+    if not cfg.enabled:
+        plain = list(objects)
+        if isinstance(given, ABOptimizer):
+            plain[opt_index] = given.optimizer
+        return accelerator.prepare(*plain)
+
+    # Everything that can be refused is refused here, before the model is touched.
+    deepspeed_hooks = _check_supported(accelerator)
+    cfg.resolve_group_size(accelerator.num_processes)
+    model = objects[model_index]
+    if isinstance(given, ABOptimizer):
+        if given.model is not None:
+            raise ValueError(
+                "The ABOptimizer passed to ab_accel.prepare is already bound to a model. Build "
+                "it with model=None (ABOptimizer(torch_opt, None, config)) and let prepare "
+                "bind it to the prepared model, or pass the plain torch optimizer."
+            )
+        ab = given
+    else:
+        ab = ABOptimizer(given, None, cfg)
+    if deepspeed_hooks is not None:
+        deepspeed_hooks[0](accelerator.state.deepspeed_plugin.deepspeed_config)
+
+    convert(model, cfg)
+    if not any(True for _ in ab_layers(model)):
+        raise ValueError(
+            "ab_accel.convert found no layer to factorize in the model (the first and the last "
+            "nn.Linear / nn.Conv2d / Conv1D stay dense by default). Set target_modules, or "
+            "train this model with accelerator.prepare."
+        )
+    is_ddp = accelerator.distributed_type.value in _DDP_TYPES
+    if is_ddp:
+        _ddp_ignore_factorized_weights(model)
+
+    to_prepare = list(objects)
+    # DeepSpeed's engine must call ABOptimizer.step(); under DDP (or one process) Accelerate
+    # prepares the plain optimizer (its state is moved to the device) and the ABOptimizer is
+    # put inside Accelerate's wrapper afterwards.
+    to_prepare[opt_index] = ab if deepspeed_hooks is not None else ab.optimizer
+    result = accelerator.prepare(*to_prepare)
+    prepared = list(result) if isinstance(result, (tuple, list)) else [result]
+    prepared_model, prepared_opt = prepared[model_index], prepared[opt_index]
+
+    if deepspeed_hooks is not None:
+        # The prepared model is the DeepSpeed engine. attach() replaces its gradient
+        # all-reduce and fp32 clipping by the AB ones, binds the ABOptimizer to engine.module
+        # and keeps one shard per group in engine.save_checkpoint / load_checkpoint (which
+        # accelerator.save_state / load_state call under DeepSpeed).
+        deepspeed_hooks[1](prepared_model, ab)
+        if ab.model is None:
+            ab.bind(prepared_model.module)
+        if getattr(prepared_opt, "optimizer", None) is ab.optimizer:
+            prepared_opt.optimizer = ab
+        _add_ab_view(prepared_opt)
+        return result
+    if isinstance(prepared_model, nn.parallel.DistributedDataParallel):
+        _keep_ddp_out_of_the_way(prepared_model)
+    prepared_opt.optimizer = ab
+    ab.bind(prepared_model)
+    _add_ab_view(prepared_opt)
+    _register(accelerator, prepared_model, prepared_opt, ab)
+    return result
+
+
+# ---------------------------------------------------------------------------------- checks
+def _find_optimizer_and_model(objects: tuple[Any, ...]) -> tuple[int, int]:
+    if any(type(obj).__name__ == "DummyOptim" for obj in objects):
+        raise NotImplementedError(
+            "ab_accel.prepare needs the optimizer as a torch optimizer it can wrap, not "
+            "accelerate's DummyOptim (an \"optimizer\" block of the DeepSpeed config). Remove "
+            "that block and build the optimizer in Python, e.g. torch.optim.AdamW(...)."
+        )
+    optimizers = [i for i, obj in enumerate(objects) if isinstance(obj, torch.optim.Optimizer)]
+    if len(optimizers) != 1:
+        raise ValueError(
+            f"ab_accel.prepare needs exactly one optimizer and the model it trains in the same "
+            f"call (got {len(optimizers)} optimizers). Prepare other models and optimizers with "
+            f"accelerator.prepare."
+        )
+    opt_index = optimizers[0]
+    opt = objects[opt_index]
+    if isinstance(opt, AcceleratedOptimizer):
+        raise ValueError(
+            "This optimizer was already prepared by accelerator.prepare. Call ab_accel.prepare "
+            "INSTEAD of accelerator.prepare, on the plain model and optimizer."
+        )
+    inner = opt.optimizer if isinstance(opt, ABOptimizer) else opt
+    owned = {id(p) for group in inner.param_groups for p in group["params"]}
+    candidates = [i for i, obj in enumerate(objects) if isinstance(obj, nn.Module)
+                  and any(id(p) in owned for p in obj.parameters())]
+    if not candidates:
+        raise ValueError(
+            "ab_accel.prepare needs the model the optimizer trains in the same call: none of "
+            "the modules passed holds the optimizer's parameters. Build the optimizer over "
+            "model.parameters() and pass both, e.g. prepare(accelerator, model, optimizer)."
+        )
+    if len(candidates) > 1:
+        raise ValueError(
+            "The optimizer trains parameters of more than one of the models passed; "
+            "AB-training binds one optimizer to one model."
+        )
+    model = objects[candidates[0]]
+    if getattr(model, "_is_accelerate_prepared", False) or isinstance(
+            model, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            "This model was already prepared (or wrapped in DDP). Call ab_accel.prepare "
+            "INSTEAD of accelerator.prepare, on the plain model."
+        )
+    return opt_index, candidates[0]
+
+
+def _resolve_config(accelerator: Any, opt: Any, config: ABConfig | dict | None) -> ABConfig:
+    if config is not None:
+        cfg = ABConfig.from_dict(config)
+        if isinstance(opt, ABOptimizer) and opt.config.to_dict() != cfg.to_dict():
+            raise ABConfigError(
+                "config= differs from the config of the ABOptimizer passed to ab_accel.prepare. "
+                "Pass only one of them."
+            )
+        return cfg
+    if isinstance(opt, ABOptimizer):
+        return opt.config
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        from_ds = ABConfig.from_deepspeed_config(plugin.deepspeed_config)
+        if from_ds is not None:
+            return from_ds
+    return ABConfig()
+
+
+def _check_supported(accelerator: Any) -> tuple[Any, Any] | None:
+    """Refuse what AB-training cannot run. Returns DeepSpeed's (check_config, attach)."""
+    kind = accelerator.distributed_type
+    name = kind.value if isinstance(kind, DistributedType) else str(kind)
+    if name in _REFUSED:
+        raise NotImplementedError(_REFUSED[name])
+    parallel = getattr(accelerator, "parallelism_config", None)
+    if parallel is not None and (getattr(parallel, "tp_enabled", False)
+                                 or getattr(parallel, "cp_enabled", False)):
+        raise NotImplementedError(
+            "AB-training runs on pure data parallelism; tensor and context parallelism "
+            "(parallelism_config tp_size/cp_size > 1) split the very weights it factorizes. "
+            "Leave parallelism_config unset (or dp sizes only)."
+        )
+    fp8 = str(getattr(getattr(accelerator, "fp8_backend", None), "value",
+                      getattr(accelerator, "fp8_backend", "NO")))
+    if accelerator.mixed_precision == "fp8" or fp8 not in ("NO", "None"):
+        raise NotImplementedError(
+            "AB-training does not support fp8 training: the fp8 backends replace nn.Linear by "
+            "their own layers. Use mixed_precision='bf16'."
+        )
+    dynamo = getattr(getattr(accelerator.state, "dynamo_plugin", None), "backend", None)
+    if dynamo is not None and str(getattr(dynamo, "value", dynamo)).upper() != "NO":
+        raise NotImplementedError(
+            "torch.compile through Accelerate (dynamo_backend) is not supported with "
+            "AB-training: every phase switch replaces the AB layers' parameters (W by A and B "
+            "and back), which invalidates the compiled graph. Set dynamo_backend='no'."
+        )
+    if name == "DEEPSPEED":
+        return _deepspeed_hooks()
+    if name != "NO" and name not in _DDP_TYPES:
+        raise NotImplementedError(
+            f"AB-training has not been made to run under distributed type {name}. "
+            + _USE_DDP + "."
+        )
+    if accelerator.mixed_precision == "fp16":
+        raise NotImplementedError(
+            "mixed_precision='fp16' is not supported with AB-training: the loss scaler decides "
+            "to skip a step on each rank's own gradients, and in an AB phase the groups would "
+            "skip different steps and fall out of their common schedule. Use "
+            "mixed_precision='bf16' (no loss scaling) or 'no'."
+        )
+    handler = getattr(accelerator, "ddp_handler", None)
+    if handler is not None:
+        hook = str(getattr(handler.comm_hook, "value", handler.comm_hook)).lower()
+        if hook != "no":
+            raise NotImplementedError(
+                f"DistributedDataParallelKwargs(comm_hook={hook!r}) would never run: "
+                f"AB-training does the gradient reduction itself, keeping DDP's reducer off. "
+                f"Remove comm_hook (AB phases already cut traffic)."
+            )
+        if handler.static_graph:
+            raise NotImplementedError(
+                "DistributedDataParallelKwargs(static_graph=True) is not supported with "
+                "AB-training: the set of trained parameters changes at every phase switch. "
+                "Remove static_graph."
+            )
+    return None
+
+
+def _deepspeed_hooks() -> tuple[Any, Any]:
+    try:
+        from . import deepspeed as ab_deepspeed
+    except ImportError as exc:
+        raise NotImplementedError(
+            f"ab_accel.prepare under DeepSpeed needs ab_accel.deepspeed, which could not be "
+            f"imported ({exc}). Use plain data parallel (`accelerate launch --multi_gpu`) "
+            f"meanwhile."
+        ) from exc
+    check = getattr(ab_deepspeed, "check_config", None)
+    attach = getattr(ab_deepspeed, "attach", None)
+    if check is None or attach is None:
+        raise NotImplementedError(
+            "ab_accel.prepare under DeepSpeed needs ab_accel.deepspeed.check_config and "
+            "ab_accel.deepspeed.attach, which this version of ab_accel does not provide. Use "
+            "plain data parallel (`accelerate launch --multi_gpu`) meanwhile."
+        )
+    return check, attach
+
+
+# ---------------------------------------------------------------------------------- DDP
+def _ddp_ignore_factorized_weights(model: nn.Module) -> None:
+    """Keep the AB layers' weights out of DDP's reducer.
+
+    DDP's reducer holds a reference to every parameter it manages and allocates gradient
+    buckets for them; it never reduces here (AB-training does), so managing the weights
+    would only keep W alive after a factorization released it and double its gradient
+    memory. Dense parameters (biases, norms, layers left dense) stay with DDP, which needs at
+    least one. Uses DDP's ``_set_params_and_buffers_to_ignore_for_model``.
+    """
+    names = [f"{layer_name}.{pname}" for layer_name, layer in ab_layers(model)
+             for pname, _ in layer.named_parameters(recurse=False) if pname != "bias"]
+    ignored = set(names) | set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    if not any(p.requires_grad for n, p in model.named_parameters() if n not in ignored):
+        return  # DDP refuses a module without a parameter of its own: leave it all of them
+    setter = getattr(nn.parallel.DistributedDataParallel,
+                     "_set_params_and_buffers_to_ignore_for_model", None)
+    if setter is not None:
+        setter(model, sorted(ignored))
+
+
+def _keep_ddp_out_of_the_way(ddp: nn.parallel.DistributedDataParallel) -> None:
+    """No gradient all-reduce and no buffer broadcast from DDP, for good.
+
+    ``require_backward_grad_sync = False`` is what ``ddp.no_sync()`` sets (and restores to
+    the previous value, so ``accelerator.accumulate`` keeps it off); with it off DDP also
+    never sets ``require_forward_param_sync``, the switch of its buffer broadcast.
+    """
+    ddp.require_backward_grad_sync = False
+    ddp.require_forward_param_sync = False
+    ddp.broadcast_buffers = False
+
+
+# ---------------------------------------------------------------------------------- optimizer
+class ABOptimizerView:
+    """What :func:`prepare` adds to the optimizer Accelerate returns (AB attributes)."""
+
+    @property
+    def ab_optimizer(self) -> ABOptimizer:
+        """The :class:`~ab_accel.ABOptimizer` inside."""
+        return ab_optimizer(self.optimizer)
+
+    @property
+    def phase(self) -> str:
+        """Phase of the NEXT optimizer step: "warmup", "ab" or "rebound"."""
+        return self.ab_optimizer.phase
+
+    @property
+    def role(self) -> str | None:
+        """"A" (A-group), "B" (B-group), "AB" (single process) or None outside AB phases."""
+        return self.ab_optimizer.role
+
+    @property
+    def traffic(self) -> Any:
+        """The :class:`~ab_accel.TrafficMeter` of this rank."""
+        return self.ab_optimizer.traffic
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken (accumulation boundaries, not micro-batches)."""
+        return self.ab_optimizer.step_count
+
+    @property
+    def ranks(self) -> dict[str, int | None]:
+        """Current rank of every AB layer."""
+        return self.ab_optimizer.ranks
+
+    def synchronize(self) -> None:
+        """Reduce the gradients now (see :meth:`ABOptimizer.synchronize`)."""
+        self.ab_optimizer.synchronize()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # accelerator.load_state reads the MAIN process's optimizer file into every rank, right
+        # after its pre-hooks ran; the load pre-hook has already restored this rank's own
+        # group shard and asked to skip that one load.
+        if self.__dict__.pop("_ab_skip_next_load", False):
+            return
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+
+
+_VIEW_CLASSES: dict[type, type] = {}
+
+
+def _add_ab_view(prepared_opt: Any) -> None:
+    """Give the prepared optimizer the AB attributes, keeping its identity (Accelerate's
+    ``_optimizers`` list and the LR scheduler wrappers refer to this very object)."""
+    cls = type(prepared_opt)
+    if issubclass(cls, ABOptimizerView):
+        return
+    view = _VIEW_CLASSES.get(cls)
+    if view is None:
+        view = type(f"AB{cls.__name__}", (ABOptimizerView, cls), {"__module__": __name__})
+        _VIEW_CLASSES[cls] = view
+    prepared_opt.__class__ = view
+
+
+# ---------------------------------------------------------------------------------- accelerator
+def _register(accelerator: Any, model: nn.Module, prepared_opt: Any, ab: ABOptimizer) -> None:
+    """Clipping that reduces first, and save/load hooks for the per-group shards (DDP or a
+    single process; under DeepSpeed, ab_accel.deepspeed.attach does both on the engine)."""
+    raw_model = accelerator.unwrap_model(model)
+    registered: list[ABOptimizer] = accelerator.__dict__.setdefault("_ab_optimizers", [])
+    registered.append(ab)
+    _wrap_clipping(accelerator)
+
+    def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        save_checkpoint(os.path.join(output_dir, CHECKPOINT_DIR), model, ab)
+
+    def load_hook(models: list[Any], input_dir: str) -> None:
+        folder = os.path.join(input_dir, CHECKPOINT_DIR)
+        if not os.path.exists(os.path.join(folder, META)):
+            warnings.warn(
+                f"{input_dir!r} holds no AB-training shards ({CHECKPOINT_DIR}/{META}): every "
+                f"rank loads the main process's model and optimizer state, and the AB step "
+                f"count restarts from the optimizer file's.", stacklevel=3)
+            return
+        # Accelerate would load the main process's model file into every rank next (its
+        # list holds the model as it was before the DDP wrapping).
+        models[:] = [m for m in models if m is not model and m is not raw_model]
+        load_checkpoint(folder, model, ab)
+        prepared_opt.__dict__["_ab_skip_next_load"] = True
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _wrap_clipping(accelerator: Any) -> None:
+    """Make this accelerator's clip_grad_norm_ / clip_grad_value_ clip REDUCED gradients."""
+    if accelerator.__dict__.get("_ab_clip_wrapped"):
+        return
+    accelerator.__dict__["_ab_clip_wrapped"] = True
+
+    def reduce_first(method: Any) -> Any:
+        @functools.wraps(method)
+        def wrapper(parameters: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(parameters, torch.Tensor):
+                parameters = [parameters]
+            parameters = list(parameters)  # often a generator: read it once, pass it on
+            # Only on an accumulation boundary: inside an accumulation window nothing may be
+            # reduced (the step at the boundary reduces the accumulated sum once).
+            if accelerator.sync_gradients:
+                ids = {id(p) for p in parameters}
+                for ab in accelerator.__dict__.get("_ab_optimizers", []):
+                    if any(id(p) in ids for p in ab.trained_params()):
+                        ab.synchronize()
+            return method(parameters, *args, **kwargs)
+        return wrapper
+
+    accelerator.clip_grad_norm_ = reduce_first(accelerator.clip_grad_norm_)
+    accelerator.clip_grad_value_ = reduce_first(accelerator.clip_grad_value_)
+
+
+__all__ = ["prepare", "ab_optimizer", "ABOptimizerView", "CHECKPOINT_DIR"]
