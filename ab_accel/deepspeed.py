@@ -38,18 +38,20 @@ true, "dtype": "bfloat16"}`` (fp32 weights and gradients, bf16 compute).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import types
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from .checkpoint import META, shard_name
 from .checkpoint import load_checkpoint as _load_ab_checkpoint
 from .checkpoint import save_checkpoint as _save_ab_checkpoint
-from .checkpoint import shard_name
 from .config import DEEPSPEED_KEY, ABConfig, ABConfigError
 from .model import convert
 from .optimizer import ABOptimizer
@@ -311,28 +313,41 @@ def _tag_dir(engine: Any, root: str, tag: Any) -> str | None:
     return os.path.join(root, str(tag), AB_CHECKPOINT_DIR)
 
 
-def _ab_save_checkpoint(self: Any, save_dir: str, tag: Any = None, *args: Any,
-                        **kwargs: Any) -> Any:
-    """DeepSpeed's save_checkpoint, then one shard per AB group under ``<tag>/ab_training``."""
+def _ab_save_checkpoint(self: Any, save_dir: str, tag: Any = None, client_state: Any = None,
+                        save_latest: bool = True, exclude_frozen_parameters: bool = False
+                        ) -> Any:
+    """One shard per AB group under ``<save_dir>/<tag>/ab_training``, then DeepSpeed's own
+    save_checkpoint (which writes the ``latest`` tag last)."""
     if tag is None:
         tag = f"global_step{self.global_steps}"
-    out = self._ab_original_save_checkpoint(save_dir, tag, *args, **kwargs)
     _save_ab_checkpoint(os.path.join(save_dir, str(tag), AB_CHECKPOINT_DIR), self.module,
                         self.ab_optimizer, extra={"global_steps": self.global_steps})
-    return out
+    return self._ab_original_save_checkpoint(
+        save_dir, tag, client_state={} if client_state is None else client_state,
+        save_latest=save_latest, exclude_frozen_parameters=exclude_frozen_parameters)
 
 
-def _ab_load_checkpoint(self: Any, load_dir: str, tag: Any = None, *args: Any,
-                        **kwargs: Any) -> Any:
+def _ab_load_checkpoint(self: Any, load_dir: str, tag: Any = None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = True, load_module_only: bool = False,
+                        custom_load_fn: Any = None) -> Any:
     """DeepSpeed's load_checkpoint (rank 0's module and optimizer state, the scheduler, the
-    counters), then this rank's own group shard on top, when the checkpoint has one."""
-    out = self._ab_original_load_checkpoint(load_dir, tag, *args, **kwargs)
+    counters), then this rank's own group shard on top."""
+    out = self._ab_original_load_checkpoint(
+        load_dir, tag, load_module_strict=load_module_strict,
+        load_optimizer_states=load_optimizer_states,
+        load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
+        custom_load_fn=custom_load_fn)
     if out is None or out[0] is None:
         return out
     ab_dir = _tag_dir(self, load_dir, tag)
-    if ab_dir is None or not os.path.isdir(ab_dir):
+    if ab_dir is None or not os.path.isfile(os.path.join(ab_dir, META)):
+        warnings.warn(
+            f"The DeepSpeed checkpoint in {load_dir!r} holds no AB-training shards "
+            f"({AB_CHECKPOINT_DIR}/{META}): every rank continues from rank 0's model and "
+            f"optimizer state.", stacklevel=2)
         return out
-    if kwargs.get("load_module_only") or kwargs.get("load_optimizer_states") is False:
+    if load_module_only or not load_optimizer_states:
         gi = self.ab_optimizer.groups.group_index if self.ab_optimizer.groups else 0
         state = torch.load(os.path.join(ab_dir, shard_name(gi)), map_location="cpu",
                            weights_only=False)
@@ -414,9 +429,14 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     cfg = ABConfig.from_deepspeed_config(ds)
     ds_kwargs = dict(kwargs, training_data=training_data, lr_scheduler=lr_scheduler,
                      model_parameters=model_parameters)
-    if args is not None and getattr(args, "deepspeed_config", None) is not None:
-        # deepspeed.initialize refuses a config given twice: pass the dict we read, only.
+    if args is not None and (getattr(args, "deepspeed_config", None) is not None
+                             or getattr(args, "deepscale_config", None) is not None):
+        # deepspeed.initialize refuses a config given twice: pass the dict we read, only (on a
+        # copy: the caller's args stay as they are).
+        args = copy.copy(args)
         args.deepspeed_config = None
+        if hasattr(args, "deepscale_config"):
+            args.deepscale_config = None
     if cfg is None or not cfg.enabled:
         return deepspeed.initialize(args=args, model=model, optimizer=optimizer, config=ds,
                                     **ds_kwargs)

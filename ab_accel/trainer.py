@@ -1,0 +1,264 @@
+"""AB-training (arXiv 2405.01067) in the Hugging Face Trainer: :class:`ABTrainer`.
+
+    trainer = ABTrainer(model=model, args=TrainingArguments(..., deepspeed="ds_ab.json"), ...)
+    trainer = ABTrainer(model=model, args=args, ab_config=ABConfig(warmup_steps=..., ...))
+    trainer.train()                      # or trainer.train(resume_from_checkpoint=True)
+
+The config comes from ``ab_config=`` or from the ``"ab_training"`` key of the DeepSpeed JSON
+given as ``--deepspeed``. The integration is thin; :class:`ABTrainer` changes only what
+AB-training needs:
+
+* the model is converted (:func:`ab_accel.convert`) when the trainer is built, layers chosen by
+  type (nn.Linear, nn.Conv2d, transformers' Conv1D), so vision and text models alike work;
+* right after the Trainer's ``accelerator.prepare``, the prepared optimizer's inner torch
+  optimizer is wrapped in an :class:`~ab_accel.ABOptimizer` that is bound to the model. Under DDP
+  the DDP reducer and buffer broadcast are switched off for good, and the AB layers' weights are
+  kept out of the reducer, as :func:`ab_accel.prepare` does (the same helpers): the ABOptimizer
+  owns all gradient reduction (world in warm-up and rebound, own group in an AB phase). Under
+  DeepSpeed the engine is :func:`ab_accel.deepspeed.attach` ed;
+* gradient accumulation is the Trainer's own: gradients accumulate locally over the micro-batches
+  and are reduced once, at the optimizer step, so the ABOptimizer's step counter t advances once
+  per optimizer step (``state.global_step``), never per micro-batch;
+* ``max_grad_norm`` clips the REDUCED gradients of what this rank trains (the Trainer would clip
+  the local ones);
+* checkpoints hold every group's state: ``checkpoint-N/ab_training/`` has one shard per group
+  (model and optimizer), and ``resume_from_checkpoint`` gives every rank its own group's shard
+  back, so the AB schedule continues where it stopped (under DeepSpeed the shards sit in the
+  engine's checkpoint tag folder, see :mod:`ab_accel.deepspeed`);
+* every log line (training and eval) carries ``ab_phase`` (0 warm-up, 1 AB phase, 2 rebound: the
+  phase of the next step), ``ab_step``, the traffic of this rank (``ab_wire_bytes``,
+  ``ab_dp_equivalent_wire_bytes``, ``ab_traffic_reduction``) and ``ab_compression`` (dense
+  parameters / parameters now).
+
+Evaluation runs on the parameters each rank holds: during an AB phase the A-groups and the
+B-groups hold different factors, and the Trainer's metrics average over the ranks, i.e. over the
+groups. Evaluate after a sync (or at the end of training, after
+``trainer.ab_optimizer.sync_now()``) for the metrics of one reconciled model.
+
+Mixed precision: ``bf16=True`` (torch autocast) works with DDP; ``fp16=True`` is refused (its
+loss scaler skips steps per group, so the groups' schedules would drift apart). With DeepSpeed use
+the JSON's ``"torch_autocast": {"enabled": true, "dtype": "bfloat16"}`` block, not ``--bf16``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from .accelerate import _ddp_ignore_factorized_weights, _keep_ddp_out_of_the_way
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import ABConfig, ABConfigError
+from .deepspeed import AB_CHECKPOINT_DIR, attach, check_config
+from .model import compression, convert
+from .optimizer import ABOptimizer
+
+PHASE_CODES = {"warmup": 0, "ab": 1, "rebound": 2}
+
+
+def resolve_config(ab_config: ABConfig | dict[str, Any] | None, deepspeed: Any) -> ABConfig:
+    """The ABConfig from ``ab_config`` or from the DeepSpeed JSON's ``"ab_training"`` key.
+
+    The DeepSpeed config is always checked (:func:`ab_accel.deepspeed.check_config`). Raises
+    :class:`~ab_accel.ABConfigError` when neither gives a config, or when both do and disagree.
+    """
+    from_ds = None
+    if deepspeed is not None:
+        check_config(deepspeed)
+        from_ds = ABConfig.from_deepspeed_config(deepspeed)
+    explicit = None if ab_config is None else ABConfig.from_dict(ab_config)
+    if explicit is not None and from_ds is not None and explicit != from_ds:
+        raise ABConfigError(
+            'ABTrainer got ab_config= and an "ab_training" key in the DeepSpeed config that '
+            "differ: keep one of them."
+        )
+    cfg = explicit if explicit is not None else from_ds
+    if cfg is None:
+        raise ABConfigError(
+            'ABTrainer needs an AB-training config: pass ab_config=ABConfig(...) or put an '
+            '"ab_training" block at the top level of the --deepspeed JSON. To train without '
+            'AB-training use ab_config={"enabled": false} (or the plain Trainer).'
+        )
+    return cfg
+
+
+def setup_cpu_deepspeed(backend: str = "gloo") -> dict[str, Any]:
+    """Make the Trainer's DeepSpeed branch run on CPU processes: the Trainer ignores
+    ``ddp_backend`` there, so the process group is set up here first (``PartialState`` with
+    ``backend``, DeepSpeed turned on). Call before building ``TrainingArguments`` and pass the
+    returned dict as ``accelerator_config``. Not needed on GPUs."""
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend=backend)
+    return {"use_configured_state": True}
+
+
+class ABTrainer(Trainer):
+    """``transformers.Trainer`` with AB-training. See the module docstring.
+
+    Args:
+        ab_config: the :class:`~ab_accel.ABConfig` (or a dict); ``None`` reads the
+            ``"ab_training"`` key of ``args.deepspeed``.
+        *args, **kwargs: those of ``transformers.Trainer``.
+    """
+
+    def __init__(self, *args: Any, ab_config: ABConfig | dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
+        self.ab_config: ABConfig | None = None  # read by the hooks below during super().__init__
+        self.ab_optimizer: ABOptimizer | None = None
+        super().__init__(*args, **kwargs)
+        ds = getattr(self.args, "hf_deepspeed_config", None)
+        ds_config = ds.config if ds is not None else self.args.deepspeed
+        cfg = resolve_config(ab_config, ds_config)
+        if cfg.enabled:
+            self._refuse_unsupported()
+        self.ab_config = cfg
+        if self.model is not None:
+            self._convert(self.model)
+
+    def _refuse_unsupported(self) -> None:
+        if self.args.fp16:
+            raise ABConfigError(
+                "fp16=True runs a loss scaler that skips a step when a gradient overflows; the AB "
+                "groups see different gradients, so their step counters would drift apart. Use "
+                "bf16=True (no scaler)" + (" through the DeepSpeed JSON's torch_autocast block."
+                                           if self.is_deepspeed_enabled else ".")
+            )
+        if self.is_deepspeed_enabled and self.args.bf16:
+            raise ABConfigError(
+                "bf16=True with DeepSpeed turns on DeepSpeed's bf16 optimizer, which flattens the "
+                "parameters into fixed buffers. Drop --bf16 and add "
+                '"torch_autocast": {"enabled": true, "dtype": "bfloat16"} to the DeepSpeed JSON.'
+            )
+        if self.args.auto_find_batch_size:
+            raise ABConfigError(
+                "auto_find_batch_size=True restarts training with a re-wrapped model and "
+                "optimizer after an out-of-memory error, which would restart the AB schedule and "
+                "groups half-way. Set per_device_train_batch_size yourself."
+            )
+
+    def _enabled(self) -> bool:
+        return self.ab_config is not None and self.ab_config.enabled
+
+    def _convert(self, model: nn.Module) -> nn.Module:
+        if self._enabled():
+            convert(model, self.ab_config)
+            if not self.is_deepspeed_enabled:
+                # Keep the AB layers' weights out of DDP's reducer (it never reduces here, and
+                # holding them would keep W allocated after a factorization released it).
+                _ddp_ignore_factorized_weights(model)
+        return model
+
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        # Hyperparameter search builds a fresh model per trial: convert it too.
+        return self._convert(super().call_model_init(trial))
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        prepare = self.accelerator.prepare
+
+        def prepare_with_ab(*objects: Any, **prep_kwargs: Any) -> Any:
+            out = prepare(*objects, **prep_kwargs)
+            if self._enabled():
+                self._attach_ab(out if isinstance(out, tuple) else (out,))
+            return out
+
+        # Bind right after the Trainer prepared the model and optimizer: before it loads a
+        # checkpoint into them, and before step 1.
+        self.accelerator.prepare = prepare_with_ab
+
+    # ------------------------------------------------------------------ wiring
+    def _attach_ab(self, prepared: tuple[Any, ...]) -> None:
+        from accelerate.optimizer import AcceleratedOptimizer
+
+        wrapped = next((o for o in prepared if isinstance(o, AcceleratedOptimizer)), None)
+        if wrapped is None or isinstance(wrapped.optimizer, ABOptimizer):
+            return  # nothing to train, or an optimizer prepared (and wrapped) before
+        if self.is_deepspeed_enabled:
+            engine = self.accelerator.deepspeed_engine_wrapped.engine
+            ab = ABOptimizer(engine.optimizer, None, self.ab_config)
+            attach(engine, ab)
+        else:
+            ab = ABOptimizer(wrapped.optimizer, None, self.ab_config)
+            model = next((o for o in prepared if isinstance(o, nn.Module)), self.model)
+            ab.bind(self.accelerator.unwrap_model(model))
+            if isinstance(model, nn.parallel.DistributedDataParallel):
+                # AB-training owns gradient reduction; DDP's reducer would all-reduce over the
+                # world (and cannot follow re-created factors). Keep it off for the whole run.
+                _keep_ddp_out_of_the_way(model)
+        wrapped.optimizer = ab
+        self.ab_optimizer = ab
+
+    # ------------------------------------------------------------------ clipping
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        if self.ab_optimizer is None or self.is_deepspeed_enabled:
+            return super()._clip_grad_norm(model)
+        return self.ab_optimizer.clip_grad_norm_(self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        if grad_norm is None and self.ab_optimizer is not None and not self.is_deepspeed_enabled:
+            # Report the norm of the reduced gradients, as a DDP run would.
+            self.ab_optimizer.synchronize()
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    # ------------------------------------------------------------------ logging
+    def ab_metrics(self) -> dict[str, float]:
+        """AB-training's numbers for the logs: phase, step, traffic of this rank, compression."""
+        opt = self.ab_optimizer
+        if opt is None:
+            return {}
+        traffic = opt.traffic.summary()
+        comp = compression(self.model)
+        return {
+            "ab_phase": PHASE_CODES[opt.phase],
+            "ab_step": opt.step_count,
+            "ab_wire_bytes": float(traffic["wire_bytes"]),
+            "ab_dp_equivalent_wire_bytes": float(traffic["dp_equivalent_wire_bytes"]),
+            "ab_traffic_reduction": float(traffic["reduction"]),
+            "ab_compression": float(comp["ratio"]),
+        }
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        logs = {**logs, **self.ab_metrics()}
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        if self.ab_optimizer is not None and not self.is_deepspeed_enabled:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            directory = os.path.join(self._get_output_dir(trial=trial), folder)
+            # The groups' shards first: a checkpoint folder never lacks them.
+            save_checkpoint(os.path.join(directory, AB_CHECKPOINT_DIR), self.model,
+                            self.ab_optimizer)
+        # Under DeepSpeed the attached engine's save_checkpoint writes the shards.
+        super()._save_checkpoint(model, trial)
+
+    @staticmethod
+    def _ab_dir(checkpoint: str | None) -> str | None:
+        if checkpoint is None:
+            return None
+        path = os.path.join(checkpoint, AB_CHECKPOINT_DIR)
+        return path if os.path.isdir(path) else None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str,
+                              model: nn.Module | None = None) -> None:
+        if self._enabled() and self._ab_dir(resume_from_checkpoint) is not None:
+            return  # every group's model state is loaded from ab_training/ after binding
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        ab_dir = self._ab_dir(checkpoint)
+        if ab_dir is None or self.ab_optimizer is None or self.is_deepspeed_enabled:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load_checkpoint(ab_dir, self.model, self.ab_optimizer)
+        from transformers.trainer import SCHEDULER_NAME
+
+        sched = os.path.join(checkpoint, SCHEDULER_NAME)
+        if os.path.isfile(sched):
+            self.lr_scheduler.load_state_dict(torch.load(sched, weights_only=True))
