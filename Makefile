@@ -7,8 +7,10 @@ PYTEST_ARGS ?=
 STAMP = $(VENV)/.installed
 
 # Tests run offline, on CPU, one BLAS thread per process (many gloo processes share few cores).
+# The venv's bin comes first on PATH: DeepSpeed compiles a small CPU op with `ninja`, and a
+# different ninja on PATH from one run to the next makes it rebuild (minutes) every time.
 TEST_ENV = OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-	DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
+	DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false PATH="$(abspath $(VENV))/bin:$$PATH"
 
 # demo / bench scripts run with the venv first on PATH (python, accelerate, deepspeed, torchrun).
 IN_VENV = $(MAKE) --no-print-directory $(STAMP) && PATH="$(abspath $(VENV))/bin:$$PATH"

@@ -443,6 +443,15 @@ def make_accelerator(cfg: Config, project_name: str) -> Any:
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     cpu = (not torch.cuda.is_available()) if cfg.cpu == "auto" else bool(cfg.cpu)
+    handlers = []
+    if deepspeed_launch():
+        # `accelerate launch --use_deepspeed`: Accelerator(cpu=True) would turn DeepSpeed off;
+        # on CPU the processes form one gloo world through the process-group kwargs instead.
+        from accelerate.utils import InitProcessGroupKwargs
+
+        if cpu:
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        cpu = False
     report_to = None if str(cfg.report_to).lower() in ("none", "", "false") else cfg.report_to
     if report_to == "tensorboard":
         try:
@@ -454,6 +463,7 @@ def make_accelerator(cfg: Config, project_name: str) -> Any:
             report_to = None
     accelerator = Accelerator(
         cpu=cpu,
+        kwargs_handlers=handlers,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=report_to,
@@ -804,15 +814,48 @@ def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
 # AB-training helpers
 # =============================================================================================
 
-def ab_config(cfg: Config, world_size: int, from_scratch: bool) -> Any:
-    """The ABConfig of this run (checked against the world size before any training)."""
+def deepspeed_launch() -> bool:
+    """True under `accelerate launch --use_deepspeed` (or a DeepSpeed accelerate config)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def deepspeed_ab_block() -> dict[str, Any] | None:
+    """The top-level "ab_training" block of the DeepSpeed JSON this run was launched with."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not deepspeed_launch() or not path or not os.path.exists(path):
+        return None
     from ab_accel import ABConfig, ABConfigError
 
-    values = dict(cfg.ab_training)
+    try:
+        config = ABConfig.from_deepspeed_config(path)
+    except ABConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if config is None:
+        return None
+    logging.getLogger("recipes").info(
+        'AB-training schedule: the "ab_training" key of the DeepSpeed JSON %s', path)
+    return config.to_dict()
+
+
+def ab_config(cfg: Config, world_size: int, from_scratch: bool) -> Any:
+    """The ABConfig of this run (checked against the world size before any training).
+
+    Launched with a DeepSpeed JSON that has a top-level "ab_training" key, that key is the
+    schedule (it replaces the recipe config's ab_training block); otherwise the recipe's.
+    """
+    from ab_accel import ABConfig, ABConfigError
+
+    from_json = deepspeed_ab_block()
+    values = dict(cfg.ab_training) if from_json is None else from_json
     if values.get("group_size") == "world":
         values["group_size"] = world_size
     orthogonal = from_scratch if cfg.orthogonal_init == "auto" else bool(cfg.orthogonal_init)
-    values.update(enabled=not cfg.no_ab, orthogonal_init=orthogonal)
+    if from_json is not None:
+        orthogonal = bool(from_json["orthogonal_init"]) or orthogonal
+        values["enabled"] = bool(from_json["enabled"]) and not cfg.no_ab
+        values["orthogonal_init"] = orthogonal
+    else:
+        values.update(enabled=not cfg.no_ab, orthogonal_init=orthogonal)
     try:
         config = ABConfig.from_dict(values)
         if config.enabled:
