@@ -69,11 +69,13 @@ class ABConfig:
         default=1,
         metadata={"help": "Lower bound on the rank kept by a factorization."},
     )
-    group_size: int | None = field(
+    group_size: int | str | None = field(
         default=None,
         metadata={"help": "Ranks per group; groups are consecutive ranks. The number of groups "
                           "G = world_size / group_size must be whole, and >= 2 unless sync_mode "
-                          "is 'only-b'. None: world_size / 2 (world_size for a single process)."},
+                          "is 'only-b'. None: world_size / 2 (world_size for a single process). "
+                          "'world': one group of every rank (the paper's 'AB without groups', "
+                          "with sync_mode 'only-b')."},
     )
     sync_mode: str = field(
         default="with-stale",
@@ -149,7 +151,13 @@ class ABConfig:
                 f"ab_training.sync_mode must be one of {', '.join(SYNC_MODES)}; got "
                 f"{self.sync_mode!r}.{did_you_mean}"
             )
-        if self.group_size is not None:
+        if self.group_size == "world":
+            if self.sync_mode != "only-b":
+                raise ABConfigError(
+                    "ab_training.group_size='world' (one group) needs sync_mode 'only-b': "
+                    f"sync_mode {self.sync_mode!r} needs an A-group and a B-group. Set "
+                    "sync_mode='only-b' or give group_size as a number of ranks.")
+        elif self.group_size is not None:
             _int("group_size", 1)
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
@@ -177,6 +185,8 @@ class ABConfig:
             raise ABConfigError(f"world_size must be >= 1, got {world_size}.")
         if world_size == 1:
             return 1
+        if self.group_size == "world":
+            return world_size
         size = self.group_size if self.group_size is not None else world_size // 2
         if self.group_size is None and world_size % 2:
             raise ABConfigError(

@@ -105,3 +105,11 @@ def test_help_text_for_every_field():
     helps = ABConfig.help()
     assert set(helps) == set(ABConfig().to_dict())
     assert all(len(text) > 30 for text in helps.values())
+
+
+def test_group_size_world_is_one_group_for_only_b():
+    assert ABConfig(group_size="world", sync_mode="only-b").resolve_group_size(8) == 8
+    with pytest.raises(ABConfigError, match="needs sync_mode 'only-b'"):
+        ABConfig(group_size="world")
+    with pytest.raises(ABConfigError, match="group_size must be an integer"):
+        ABConfig(group_size="all", sync_mode="only-b")
