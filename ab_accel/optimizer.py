@@ -26,7 +26,9 @@ Clip gradients AFTER they are reduced: call :meth:`ABOptimizer.synchronize` (or 
 
 from __future__ import annotations
 
+import time
 import zlib
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -88,6 +90,9 @@ class ABOptimizer(torch.optim.Optimizer):
         self._structure = -1
         self._finalized = False
         self.last_switch: dict[str, Any] = {}
+        #: Wall seconds spent in phase switches, by event ("factorize", "sync"), and in the SVDs.
+        self.switch_seconds: dict[str, float] = defaultdict(float)
+        self.svd_seconds = 0.0
         self._optimizer_step_pre_hooks: dict = {}
         self._optimizer_step_post_hooks: dict = {}
         if model is not None:
@@ -355,13 +360,16 @@ class ABOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ switches
     def _run_event(self, event: str) -> None:
+        start = time.perf_counter()
         if event == SYNC:
             self._sync()
         elif event == FACTORIZE:
             self._factorize()
         self._refresh()
         self._apply_roles()
-        self.last_switch = {"event": event, "boundary": self._step}
+        seconds = time.perf_counter() - start
+        self.switch_seconds[event] += seconds
+        self.last_switch = {"event": event, "boundary": self._step, "seconds": seconds}
 
     @torch.no_grad()
     def _factorize(self) -> None:
@@ -370,7 +378,9 @@ class ABOptimizer(torch.optim.Optimizer):
         layers = [layer for _, layer in self._layers if layer.mode == FULL]
         if not layers:
             return
+        start = time.perf_counter()
         proposed = [layer.proposed_rank(cfg.rank_cutoff, cfg.min_rank) for layer in layers]
+        self.svd_seconds += time.perf_counter() - start
         world, ranks = self.groups.world, self._world_ranks
         agreed = self.comm.max_int(proposed, world, ranks, "sync")
         for layer, rank in zip(layers, agreed, strict=True):

@@ -185,3 +185,14 @@ def test_unbound_optimizer_round_trips_its_state():
     opt.bind(model)
     train(model, opt, 0, 4)
     assert opt.phase == "ab"
+
+
+def test_switch_time_is_recorded_by_event():
+    cfg = ABConfig(**CFG)
+    model = convert(mlp(), cfg)
+    opt = ABOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, cfg)
+    train(model, opt, 0, 8)  # factorize at 2, sync at 6, factorize at 7
+    assert set(opt.switch_seconds) == {"factorize", "sync"}
+    assert all(v > 0 for v in opt.switch_seconds.values())
+    assert 0 < opt.svd_seconds <= opt.switch_seconds["factorize"]
+    assert opt.last_switch["event"] == "factorize" and opt.last_switch["boundary"] == 7
