@@ -1,0 +1,1 @@
+"""Benchmarks of AB-training against DDP, PowerSGD and post-local SGD (see BENCHMARKS.md)."""

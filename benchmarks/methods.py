@@ -1,0 +1,268 @@
+"""The methods compared, each set up the way its own documentation says, over the same model.
+
+=================  =============================================================================
+``ddp``            torch DDP with a counting all-reduce comm hook (torch's ``allreduce_hook``:
+                   it still really all-reduces every bucket)
+``ab-<sync_mode>`` ab_accel's core API directly: ``convert`` + ``ABOptimizer`` over the plain
+                   (non-DDP) model; the ABOptimizer does all reduction. ``ab-with-stale``,
+                   ``ab-only-learned``, ``ab-only-b`` (and ``ab-full``)
+``powersgd-r<k>``  DDP + ``powerSGD_hook`` with ``PowerSGDState(matrix_approximation_rank=k)``,
+                   error feedback and warm start on
+``localsgd[-h<H>]``  post-local SGD: DDP + ``post_localSGD_hook`` (gradients all-reduced over
+                   the world for the warm-up, then inside subgroups) + ``PeriodicModelAverager``
+                   (parameters averaged over the world every H steps) + ``PostLocalSGDOptimizer``
+=================  =============================================================================
+
+Every method gets the same warm-up of plain data-parallel steps (AB's ``warmup_steps``,
+PowerSGD's ``start_powerSGD_iter``, post-local SGD's ``start_localSGD_iter``), the same AdamW,
+learning-rate schedule and gradient clipping.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ab_accel import ABConfig, ABOptimizer, compression, convert
+
+from .meters import BucketCount, counting_hook, state_bytes
+
+AB_PREFIX = "ab-"
+_POWERSGD = re.compile(r"^powersgd-r(\d+)$")
+_LOCALSGD = re.compile(r"^localsgd(?:-h(\d+))?$")
+
+
+@dataclass
+class Knobs:
+    """The training and method settings shared by every method (all from the command line)."""
+
+    steps: int
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    lr_warmup_steps: int = 0
+    min_lr_ratio: float = 0.05
+    clip: float = 1.0
+    label_smoothing: float = 0.0
+    ab_warmup: int = 0
+    ab_sync_every: int = 1
+    ab_rebound: int = 0
+    ab_lr_rebound: int = 0
+    rank_cutoff: float = 0.15
+    ab_group_size: int | None = None
+    orthogonal_init: bool = False
+    powersgd_start: int = 2
+    localsgd_start: int = 0
+    localsgd_period: int = 8
+    localsgd_subgroup_size: int = 2
+
+
+def check_method(name: str, knobs: Knobs, world: int) -> None:
+    """Raise ValueError with the fix when ``name`` is not a method this benchmark runs."""
+    if name == "ddp":
+        return
+    if name.startswith(AB_PREFIX):
+        mode = name[len(AB_PREFIX):]
+        cfg = ab_config(mode, knobs)
+        cfg.resolve_group_size(world)
+        return
+    if _POWERSGD.match(name):
+        return
+    m = _LOCALSGD.match(name)
+    if m:
+        if world % knobs.localsgd_subgroup_size:
+            raise ValueError(f"--localsgd-subgroup-size {knobs.localsgd_subgroup_size} does not "
+                             f"divide the world size {world}")
+        return
+    raise ValueError(
+        f"unknown method {name!r}: use ddp, ab-with-stale, ab-only-learned, ab-only-b, ab-full, "
+        f"powersgd-r<rank> (e.g. powersgd-r4), localsgd or localsgd-h<period>")
+
+
+def ab_config(mode: str, knobs: Knobs) -> ABConfig:
+    return ABConfig(warmup_steps=knobs.ab_warmup, sync_every=knobs.ab_sync_every,
+                    rebound_steps=knobs.ab_rebound, lr_rebound_steps=knobs.ab_lr_rebound,
+                    rank_cutoff=knobs.rank_cutoff, group_size=knobs.ab_group_size,
+                    sync_mode=mode, orthogonal_init=knobs.orthogonal_init)
+
+
+def lr_lambda(knobs: Knobs) -> Callable[[int], float]:
+    """Linear warm-up over ``lr_warmup_steps``, then cosine down to ``min_lr_ratio``."""
+    w, total, floor = knobs.lr_warmup_steps, knobs.steps, knobs.min_lr_ratio
+
+    def fn(step: int) -> float:
+        if w and step < w:
+            return (step + 1) / w
+        progress = min(1.0, (step - w) / max(1, total - w))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+@dataclass
+class Method:
+    """One method, ready to train: call :meth:`step` after ``loss.backward()``."""
+
+    name: str
+    forward_model: nn.Module  # what the loop calls (DDP wrapper or the plain model)
+    model: nn.Module  # the plain model (evaluation, state size)
+    optimizer: Any
+    base_optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    clip: float
+    ab: ABOptimizer | None = None
+    bucket_count: BucketCount | None = None
+    extra_state: Callable[[], list[torch.Tensor]] = lambda: []
+    finish: Callable[[], None] = lambda: None
+    switch_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    factorizations: list[dict[str, Any]] = field(default_factory=list)
+    peak_state_bytes: int = 0
+    peak_state_bytes_by_phase: dict[str, int] = field(default_factory=dict)
+
+    def step(self) -> None:
+        """Clip (after reduction), optimizer step, record the state size, zero, schedule."""
+        phase = self.ab.phase if self.ab is not None else "dp"
+        if self.ab is not None:
+            if self.clip:
+                self.ab.clip_grad_norm_(self.clip)
+        elif self.clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.optimizer.step()
+        # Gradients are still allocated here: the peak of params + grads + optimizer state.
+        now = self.state_bytes()
+        self.peak_state_bytes = max(self.peak_state_bytes, now)
+        self.peak_state_bytes_by_phase[phase] = max(now,
+                                                    self.peak_state_bytes_by_phase.get(phase, 0))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def state_bytes(self) -> int:
+        return state_bytes(self.model, self.base_optimizer, self.extra_state())
+
+
+def build_method(name: str, model: nn.Module, knobs: Knobs) -> Method:
+    """Set up ``name`` on ``model`` (in place). Collective: every rank calls it together."""
+    check_method(name, knobs, dist.get_world_size())
+    if name.startswith(AB_PREFIX):
+        return _build_ab(name, model, knobs)
+    if name == "ddp":
+        return _build_ddp(name, model, knobs)
+    m = _POWERSGD.match(name)
+    if m:
+        return _build_powersgd(name, model, knobs, int(m.group(1)))
+    m = _LOCALSGD.match(name)
+    assert m is not None
+    period = int(m.group(1)) if m.group(1) else knobs.localsgd_period
+    return _build_localsgd(name, model, knobs, period)
+
+
+def _adamw(params: Any, knobs: Knobs) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=knobs.lr, weight_decay=knobs.weight_decay,
+                             betas=(0.9, 0.999))
+
+
+def _build_ab(name: str, model: nn.Module, knobs: Knobs) -> Method:
+    cfg = ab_config(name[len(AB_PREFIX):], knobs)
+    convert(model, cfg)
+    base = _adamw(model.parameters(), knobs)
+    sched = torch.optim.lr_scheduler.LambdaLR(base, lr_lambda(knobs))
+    # Constructed unbound, so that every switch (the one at bind() included) is logged. The
+    # ABOptimizer times its switches and SVDs itself (switch_seconds, svd_seconds); the wrapper
+    # only counts them and records the ranks each factorization chose.
+    opt = ABOptimizer(base, None, cfg)
+    method = Method(name, model, model, opt, base, sched, knobs.clip, ab=opt)
+    run_event = opt._run_event
+
+    def logged_event(event: str) -> None:
+        run_event(event)
+        method.switch_counts[event] += 1
+        if event == "factorize":
+            comp = compression(model)
+            method.factorizations.append({
+                "boundary": opt.step_count,
+                "ranks": {n: layer["rank"] for n, layer in comp["layers"].items()},
+                "shapes": {n: layer["shape"] for n, layer in comp["layers"].items()},
+                "factorized_ratio": comp["factorized_ratio"],
+                "ratio": comp["ratio"],
+            })
+
+    opt._run_event = logged_event  # type: ignore[method-assign]
+    opt.bind(model)
+    return method
+
+
+def _ddp(model: nn.Module) -> DDP:
+    # The models have no buffers, so DDP sends nothing outside its comm hook. An explicit
+    # bucket_cap_mb also caps DDP's first bucket (1 MiB by default), so models under 25 MiB
+    # get one bucket. PowerSGD needs that on gloo: its hook issues collectives from future
+    # callbacks, and with several buckets their order can differ between ranks (gloo aborts:
+    # "Received data size doesn't match expected size"; seen here with two buckets).
+    return DDP(model, bucket_cap_mb=25)
+
+
+def _build_ddp(name: str, model: nn.Module, knobs: Knobs) -> Method:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    ddp = _ddp(model)
+    count = BucketCount()
+    ddp.register_comm_hook(None, counting_hook(default_hooks.allreduce_hook, count))
+    base = _adamw(model.parameters(), knobs)
+    sched = torch.optim.lr_scheduler.LambdaLR(base, lr_lambda(knobs))
+    return Method(name, ddp, model, base, base, sched, knobs.clip, bucket_count=count)
+
+
+def _build_powersgd(name: str, model: nn.Module, knobs: Knobs, rank: int) -> Method:
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+
+    ddp = _ddp(model)
+    state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=rank,
+                               start_powerSGD_iter=max(2, knobs.powersgd_start),
+                               use_error_feedback=True, warm_start=True, random_seed=0)
+    count = BucketCount()
+    ddp.register_comm_hook(state, counting_hook(psgd.powerSGD_hook, count))
+    base = _adamw(model.parameters(), knobs)
+    sched = torch.optim.lr_scheduler.LambdaLR(base, lr_lambda(knobs))
+
+    def extra() -> list[torch.Tensor]:
+        return (list(state.error_dict.values()) + list(state.p_memory_dict.values())
+                + list(state.q_memory_dict.values()))
+
+    return Method(name, ddp, model, base, base, sched, knobs.clip, bucket_count=count,
+                  extra_state=extra)
+
+
+def _build_localsgd(name: str, model: nn.Module, knobs: Knobs, period: int) -> Method:
+    from torch.distributed.algorithms.ddp_comm_hooks import post_localSGD_hook as plsgd
+    from torch.distributed.algorithms.model_averaging import averagers
+    from torch.distributed.algorithms.model_averaging.utils import average_parameters
+    from torch.distributed.optim import PostLocalSGDOptimizer
+
+    ddp = _ddp(model)
+    subgroup, _ = dist.new_subgroups(group_size=knobs.localsgd_subgroup_size)
+    start = knobs.localsgd_start
+    state = plsgd.PostLocalSGDState(process_group=None, subgroup=subgroup,
+                                    start_localSGD_iter=start)
+    count = BucketCount()
+    ddp.register_comm_hook(state, counting_hook(plsgd.post_localSGD_hook, count))
+    base = _adamw(model.parameters(), knobs)
+    averager = averagers.PeriodicModelAverager(period=period, warmup_steps=start)
+    opt = PostLocalSGDOptimizer(optim=base, averager=averager)
+    sched = torch.optim.lr_scheduler.LambdaLR(base, lr_lambda(knobs))
+
+    def finish() -> None:
+        # A run ends with one more global average unless the last step just averaged, so that
+        # every rank holds the same model (as a user of post-local SGD would do).
+        last = averager.step - 1
+        if last < start or (last - start) % period != 0:
+            average_parameters(iter(model.parameters()), None)
+
+    return Method(name, ddp, model, opt, base, sched, knobs.clip, bucket_count=count,
+                  finish=finish)
