@@ -258,15 +258,7 @@ class ABConfig:
         if ds_config is None:
             return None
         if isinstance(ds_config, (str, os.PathLike)):
-            path = os.fspath(ds_config)
-            if not os.path.exists(path):
-                raise ABConfigError(f"DeepSpeed config file {path!r} does not exist.")
-            with open(path) as fh:
-                try:
-                    ds_config = json.load(fh)
-                except json.JSONDecodeError as exc:
-                    raise ABConfigError(
-                        f"DeepSpeed config {path!r} is not valid JSON: {exc}") from exc
+            ds_config = load_deepspeed_json(ds_config)
         if not isinstance(ds_config, dict):
             raise ABConfigError(
                 f"A DeepSpeed config must be a dict or a JSON file path, got "
@@ -291,6 +283,18 @@ class ABConfig:
             default = f.default if f.default is not MISSING else None
             out[f.name] = f"{f.metadata.get('help', '')} (default: {default!r})"
         return out
+
+
+def load_deepspeed_json(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a DeepSpeed JSON config file; a missing file or bad JSON is an ABConfigError."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ABConfigError(f"DeepSpeed config file {path!r} does not exist.")
+    with open(path) as fh:
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise ABConfigError(f"DeepSpeed config {path!r} is not valid JSON: {exc}") from exc
 
 
 def _find_misplaced(ds_config: dict[str, Any], prefix: str = "") -> str | None:

@@ -39,7 +39,6 @@ true, "dtype": "bfloat16"}`` (fp32 weights and gradients, bf16 compute).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import types
 import warnings
@@ -52,7 +51,7 @@ from torch import nn
 from .checkpoint import META, shard_name
 from .checkpoint import load_checkpoint as _load_ab_checkpoint
 from .checkpoint import save_checkpoint as _save_ab_checkpoint
-from .config import DEEPSPEED_KEY, ABConfig, ABConfigError
+from .config import DEEPSPEED_KEY, ABConfig, ABConfigError, load_deepspeed_json
 from .model import convert
 from .optimizer import ABOptimizer
 
@@ -106,14 +105,7 @@ def load_ds_config(config: Mapping[str, Any] | str | os.PathLike | None = None,
                          "args.deepspeed_config (the --deepspeed_config flag).")
     if isinstance(config, Mapping):
         return dict(config)
-    path = os.fspath(config)
-    if not os.path.isfile(path):
-        raise ABConfigError(f"DeepSpeed config file {path!r} does not exist.")
-    with open(path) as fh:
-        try:
-            return json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise ABConfigError(f"DeepSpeed config {path!r} is not valid JSON: {exc}") from exc
+    return load_deepspeed_json(config)
 
 
 def read_config(ds_config: Mapping[str, Any] | str | os.PathLike) -> ABConfig | None:

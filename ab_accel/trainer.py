@@ -52,7 +52,7 @@ from transformers import Trainer
 from .accelerate import _ddp_ignore_factorized_weights, _keep_ddp_out_of_the_way
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ABConfig, ABConfigError
-from .deepspeed import AB_CHECKPOINT_DIR, attach, check_config
+from .deepspeed import AB_CHECKPOINT_DIR, attach, read_config
 from .model import compression, convert
 from .optimizer import ABOptimizer
 
@@ -65,10 +65,7 @@ def resolve_config(ab_config: ABConfig | dict[str, Any] | None, deepspeed: Any) 
     The DeepSpeed config is always checked (:func:`ab_accel.deepspeed.check_config`). Raises
     :class:`~ab_accel.ABConfigError` when neither gives a config, or when both do and disagree.
     """
-    from_ds = None
-    if deepspeed is not None:
-        check_config(deepspeed)
-        from_ds = ABConfig.from_deepspeed_config(deepspeed)
+    from_ds = read_config(deepspeed) if deepspeed is not None else None
     explicit = None if ab_config is None else ABConfig.from_dict(ab_config)
     if explicit is not None and from_ds is not None and explicit != from_ds:
         raise ABConfigError(

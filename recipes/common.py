@@ -938,8 +938,11 @@ class DDPTraffic:
 
     @property
     def wire_bytes(self) -> float:
+        from ab_accel.comm import wire_factor
+
         g = self.world_size
-        return self.grad_bytes * 2 * (g - 1) / g + self.buffer_bytes * (g - 1) / g
+        return (self.grad_bytes * wire_factor("all_reduce", g)
+                + self.buffer_bytes * wire_factor("broadcast", g))
 
     def summary(self) -> dict[str, Any]:
         return {"measured_by": "DDP comm hook (gradients) + buffer broadcasts",
