@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .layers import factored_state_dict
 from .optimizer import ABOptimizer
 
 META = "ab_meta.json"
@@ -51,7 +52,9 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: A
     leader = groups.group_ranks[0] if groups is not None else 0
     gi = groups.group_index if groups is not None else 0
     if rank == leader:
-        state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+        with factored_state_dict():  # the factors themselves: exact resume
+            model_state = _unwrap(model).state_dict()
+        state = {"model": model_state, "optimizer": optimizer.state_dict(),
                  "extra": extra or {}}
         tmp = os.path.join(directory, shard_name(gi) + ".tmp")
         torch.save(state, tmp)

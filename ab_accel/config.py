@@ -108,10 +108,11 @@ class ABConfig:
     )
     max_skipped_steps: int = field(
         default=10,
-        metadata={"help": "A step whose reduced gradients are non-finite (NaN or inf) on any rank "
-                          "is skipped on every rank (parameters and optimizer state untouched) "
-                          "and counted; this many consecutive skips stop training with an error "
-                          "naming the step, the phase and the ranks. 0: stop at the first."},
+        metadata={"help": "A step whose gradients are non-finite (NaN or inf) on any rank is "
+                          "skipped on every rank (parameters and optimizer state untouched) and "
+                          "counted. Up to this many are skipped in a row; one more stops "
+                          "training with an error naming the step, the phase and the ranks. "
+                          "0: stop at the first."},
     )
 
     def __post_init__(self) -> None:

@@ -18,11 +18,22 @@ by a 1 x 1 conv) whenever that costs fewer multiply-adds than rebuilding W and r
 op; under the break-even cap it always does, but the rule is kept explicit.
 
 Layers know nothing about groups or torch.distributed: the optimizer tells them what to train.
+
+State dicts. What a layer saves for the outside world (``state_dict()``, so ``save_pretrained``,
+the Trainer's model file, Accelerate's ``save_model``) is always the dense ``weight`` (W = A B in
+AB mode) under the original key, so plain torch or transformers loads it with no missing or
+unexpected keys. Inside :func:`factored_state_dict` (what ab_accel's per-group checkpoint shards
+use) an AB-mode layer saves ``A`` and ``B`` instead: the exact-resume format. Loading accepts
+both: a file with ``A``/``B`` puts the layer in AB mode at that rank, one with ``weight`` in full
+mode.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -30,6 +41,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from .vocab import LayerMode, Role
+
+_FACTORS_IN_STATE_DICT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ab_accel_factors_in_state_dict", default=False)
+
+
+@contextlib.contextmanager
+def factored_state_dict() -> Iterator[None]:
+    """Within this block, AB-mode layers put ``A`` and ``B`` in ``state_dict()`` (exact resume)
+    instead of the dense ``weight = A B`` (export)."""
+    token = _FACTORS_IN_STATE_DICT.set(True)
+    try:
+        yield
+    finally:
+        _FACTORS_IN_STATE_DICT.reset(token)
 
 
 def break_even_rank(out_dim: int, in_dim: int) -> int:
@@ -243,6 +268,17 @@ class ABLayer(nn.Module):
             raise
 
     # ------------------------------------------------------------------ state dicts
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
+                            keep_vars: bool) -> None:
+        if self.mode == LayerMode.AB and not _FACTORS_IN_STATE_DICT.get():
+            # The export: the dense weight under its original key (see the module docstring).
+            with torch.no_grad():
+                destination[prefix + "weight"] = self._matrix_to_weight(self.A @ self.B)
+            if self.bias is not None:
+                destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+            return
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # A checkpoint taken in the other mode restructures the layer first, so that

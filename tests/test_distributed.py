@@ -253,7 +253,8 @@ def test_a_nonfinite_step_is_skipped_on_every_rank_and_too_many_stop_training():
         # the third NaN step in a row (max_skipped_steps=2) stops every rank, naming rank 2
         assert res["error"]["step"] == 7
         msg = res["error"]["message"]
-        assert "Step 7 (rebound phase)" in msg and "rank(s) [2]" in msg and "3 step(s) in a row" in msg
+        assert "Step 7 (rebound phase)" in msg and "rank(s) [2]" in msg
+        assert "3 step(s) in a row" in msg
         assert "max_skipped_steps=2" in msg
         # a switch on non-finite parameters is refused on every rank before anything is sent
         assert "Refusing to sync at step 3" in res["switch_error"]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ab_accel import ABConv1D, ABConv2d, ABLinear
-from ab_accel.layers import break_even_rank, cut_rank, svd_split
+from ab_accel.layers import break_even_rank, cut_rank, factored_state_dict, svd_split
 
 
 def matrix_with_spectrum(s: list[float], m: int = 12, n: int = 9) -> torch.Tensor:
@@ -151,7 +151,9 @@ def test_state_dict_loads_across_modes():
     src = ABLinear.from_module(nn.Linear(10, 7))
     src.factorize(4)
     dst = ABLinear.from_module(nn.Linear(10, 7))
-    dst.load_state_dict(src.state_dict())             # full -> AB, rank taken from the file
+    with factored_state_dict():
+        saved = src.state_dict()
+    dst.load_state_dict(saved)                        # full -> AB, rank taken from the file
     assert dst.mode == "ab" and dst.rank == 4
     assert torch.equal(dst.A, src.A) and torch.equal(dst.B, src.B)
     src.to_full()
@@ -162,3 +164,22 @@ def test_state_dict_loads_across_modes():
 def test_grouped_conv_is_refused():
     with pytest.raises(ValueError, match="groups=1 only"):
         ABConv2d(nn.Conv2d(4, 8, 3, groups=2))
+
+
+def test_the_export_state_dict_is_the_dense_weight_under_the_original_keys():
+    """What the outside world loads: plain nn.Linear keys, W = A B, whatever the mode."""
+    torch.manual_seed(0)
+    dense = nn.Linear(10, 7)
+    keys = list(dense.state_dict())
+    layer = ABLinear.from_module(dense)
+    layer.factorize(3)
+    exported = layer.state_dict()
+    assert list(exported) == keys == ["weight", "bias"]
+    assert torch.equal(exported["weight"], layer.A.detach() @ layer.B.detach())
+    plain = nn.Linear(10, 7)
+    plain.load_state_dict(exported)  # strict: no missing, no unexpected keys
+    x = torch.randn(5, 10)
+    torch.testing.assert_close(plain(x), layer(x))
+    with factored_state_dict():
+        assert list(layer.state_dict()) == ["A", "B", "bias"]
+    assert list(layer.state_dict()) == ["weight", "bias"]  # the context ended
