@@ -114,6 +114,14 @@ class ABConfig:
                           "training with an error naming the step, the phase and the ranks. "
                           "0: stop at the first."},
     )
+    accept_resume_changes: bool = field(
+        default=False,
+        metadata={"help": "Resuming from a checkpoint written with a different AB schedule "
+                          "(warmup_steps, sync_every, rebound_steps, sync_mode, rank_cutoff, "
+                          "group_size, ...) or world size is refused with what differs; true "
+                          "accepts the change (a new world size only where the checkpoint's "
+                          "groups held one model)."},
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -185,6 +193,9 @@ class ABConfig:
                     f"ab_training.{name} must be a list of module-name suffixes or one regex "
                     f"string, got {value!r}."
                 )
+        if not isinstance(self.accept_resume_changes, bool):
+            raise ABConfigError("ab_training.accept_resume_changes must be true or false, got "
+                                f"{self.accept_resume_changes!r}.")
         if not isinstance(self.orthogonal_init, bool):
             raise ABConfigError(
                 f"ab_training.orthogonal_init must be true or false, got {self.orthogonal_init!r}."

@@ -621,6 +621,7 @@ class ABOptimizer(torch.optim.Optimizer):
                 "world_size": self.world_size,
                 "group_index": self.groups.group_index if self.groups else 0,
                 "switches": [sw.to_dict() for sw in self.switches],
+                "groups_differ": self.groups_differ,
                 "skipped_steps": self.skipped_steps,
                 "consecutive_skips": self.consecutive_skips,
             },
@@ -641,7 +642,9 @@ class ABOptimizer(torch.optim.Optimizer):
             self._load_ab_counters(ab)
             self.optimizer.load_state_dict(state_dict["optimizer"])
             return
-        if self.groups is not None and ab["world_size"] != self.world_size:
+        same_model = not ab.get("groups_differ", True)
+        if (self.groups is not None and ab["world_size"] != self.world_size
+                and not (self.config.accept_resume_changes and same_model)):
             raise ValueError(
                 f"This AB checkpoint was written by {ab['world_size']} ranks and is loaded by "
                 f"{self.world_size}: AB groups hold different states, so resume with the same "

@@ -367,3 +367,79 @@ def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
 def _flat_state(opt: ABOptimizer) -> dict[str, torch.Tensor]:
     return {f"{i}.{k}": v for i, st in enumerate(opt.optimizer.state.values())
             for k, v in st.items() if torch.is_tensor(v)}
+
+
+def checkpoint_faults(rank: int, world: int) -> dict[str, Any]:
+    """A mid-AB-phase checkpoint, then: a truncated shard, a missing shard, a save that died
+    half-way, a changed schedule (refused, then accepted with the flag), an overwrite."""
+    from ab_accel.checkpoint import CheckpointError, is_complete
+
+    cfg = ABConfig(warmup_steps=1, sync_every=6, rebound_steps=1, rank_cutoff=0.5)
+
+    def fresh(config: ABConfig = cfg) -> tuple[nn.Module, ABOptimizer]:
+        torch.manual_seed(0)
+        model = convert(small_cnn(), config)
+        return model, ABOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3), model, config)
+
+    model, opt = fresh()
+    for t in range(3):
+        loss_of(model, rank, t).backward()
+        opt.step()
+        opt.zero_grad()
+    obj = [tempfile.mkdtemp(prefix="ab_faults_") if rank == 0 else None]
+    dist.broadcast_object_list(obj, src=0)
+    root = obj[0]
+    path = os.path.join(root, "ckpt")
+    save_checkpoint(path, model, opt)
+    out: dict[str, Any] = {"complete": is_complete(path), "files": sorted(os.listdir(path)),
+                           "leftovers": sorted(os.listdir(root))}
+    dist.barrier()
+    save_checkpoint(path, model, opt)  # overwriting a checkpoint leaves one whole folder
+    out["leftovers_after_overwrite"] = sorted(os.listdir(root))
+
+    def attempt(config: ABConfig = cfg) -> dict[str, Any]:
+        m, o = fresh(config)
+        before = flat_named(m)
+        try:
+            load_checkpoint(path, m, o)
+            return {"error": None, "step": o.step_count}
+        except CheckpointError as exc:
+            return {"error": str(exc), "untouched": _same_tensors(flat_named(m), before),
+                    "step": o.step_count}
+
+    shard1 = os.path.join(path, "ab_group1.pt")
+    data = open(shard1, "rb").read()
+    dist.barrier()
+    if rank == 0:
+        with open(shard1, "wb") as fh:
+            fh.write(data[:-100])
+    dist.barrier()
+    out["truncated"] = attempt()
+    dist.barrier()
+    if rank == 0:
+        with open(shard1, "wb") as fh:  # same size, one byte flipped
+            fh.write(data[:-1] + bytes([data[-1] ^ 1]))
+    dist.barrier()
+    out["corrupt"] = attempt()
+    dist.barrier()
+    if rank == 0:
+        os.remove(shard1)
+    dist.barrier()
+    out["missing"] = attempt()
+    dist.barrier()
+    if rank == 0:
+        with open(shard1, "wb") as fh:
+            fh.write(data)
+    dist.barrier()
+    out["changed"] = attempt(ABConfig(warmup_steps=1, sync_every=8, rebound_steps=1,
+                                      rank_cutoff=0.5))
+    out["accepted"] = attempt(ABConfig(warmup_steps=1, sync_every=8, rebound_steps=1,
+                                       rank_cutoff=0.5, accept_resume_changes=True))
+    out["intact"] = attempt()
+    dist.barrier()
+    if rank == 0:  # a save that died before its manifest: only the .tmp folder exists
+        os.rename(path, path + ".tmp")
+        os.remove(os.path.join(path + ".tmp", "ab_meta.json"))
+    dist.barrier()
+    out["unfinished"] = attempt()
+    return out

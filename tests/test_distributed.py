@@ -261,3 +261,26 @@ def test_a_nonfinite_step_is_skipped_on_every_rank_and_too_many_stop_training():
         assert "rank(s) [1]" in res["switch_error"]
         if rank != 1:
             assert res["others_finite"]
+
+
+def test_checkpoints_are_atomic_and_a_bad_one_is_refused_before_anything_loads():
+    results = run_distributed(scenarios.checkpoint_faults, 4)
+    for res in results:
+        assert res["complete"] and res["files"] == ["ab_group0.pt", "ab_group1.pt",
+                                                    "ab_meta.json"]
+        assert res["leftovers"] == res["leftovers_after_overwrite"] == ["ckpt"]
+        # every rank refuses together (ranks 0 and 1 read a healthy shard 0), model untouched
+        for case, words in (("truncated", "truncated"), ("missing", "is missing"),
+                            ("corrupt", "checksum")):
+            err = res[case]["error"]
+            assert err is not None and res[case]["untouched"] and res[case]["step"] == 0, case
+            assert ("ab_group1.pt" in err and words in err) or "Rank(s) [2, 3]" in err, err
+        assert "sync_every: 6 -> 8" in res["changed"]["error"]
+        assert "accept_resume_changes" in res["changed"]["error"]
+        assert res["accepted"]["error"] is None and res["accepted"]["step"] == 3
+        assert res["intact"]["error"] is None and res["intact"]["step"] == 3
+        assert "not a complete AB checkpoint" in res["unfinished"]["error"]
+        assert "did not finish" in res["unfinished"]["error"]
+    # the ranks that read the damaged shard name it
+    for rank in (2, 3):
+        assert "ab_group1.pt" in results[rank]["truncated"]["error"]
