@@ -67,6 +67,28 @@ def is_complete(directory: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(os.fspath(directory), META))
 
 
+def latest_checkpoint(parent: str | os.PathLike) -> str | None:
+    """The newest complete checkpoint folder under ``parent`` (None if there is none).
+
+    A child folder counts when it is an AB checkpoint itself or holds one in ``ab_training/``
+    (a framework's checkpoint folder); newest means the largest number in its name
+    (``step_120``, ``checkpoint-120``, ``global_step120``), then the latest modification.
+    Folders of saves that did not finish (``*.tmp``, no manifest) are passed over.
+    """
+    parent = os.fspath(parent)
+    if not os.path.isdir(parent):
+        return None
+    found = []
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        if name.endswith((_TMP, ".old")) or not os.path.isdir(path):
+            continue
+        if is_complete(path) or is_complete(os.path.join(path, SHARDS_DIR)):
+            digits = "".join(c if c.isdigit() else " " for c in name).split()
+            found.append((int(digits[-1]) if digits else -1, os.path.getmtime(path), path))
+    return max(found)[2] if found else None
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) \
         else model

@@ -15,7 +15,7 @@ Collectives over a group of one rank move nothing and are skipped (and not count
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +43,10 @@ def wire_factor(op: str, group_size: int) -> float:
     if op == "all_gather":
         return float(g - 1)
     raise ValueError(f"unknown collective {op!r}")
+
+
+class PeerError(RuntimeError):
+    """A collective failed because a peer died or stopped answering; names phase and step."""
 
 
 class TrafficMeter:
@@ -152,9 +156,26 @@ class Communicator:
     """
 
     def __init__(self, meter: TrafficMeter | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu",
+                 where: Callable[[], str] | None = None) -> None:
         self.meter = meter if meter is not None else TrafficMeter()
         self.device = torch.device(device)
+        #: Says where training is (the optimizer's step) for the error of a failed collective.
+        self.where = where or (lambda: "")
+
+    def _run(self, call: Callable[[], Any], op: str, ranks: Sequence[int], phase: str) -> None:
+        """A torch.distributed call; a failure (a dead or silent peer: gloo and NCCL raise once
+        the peer's connection drops or the group's timeout passes) names the phase and step."""
+        try:
+            call()
+        except (RuntimeError, dist.DistError) as exc:
+            where = self.where()
+            raise PeerError(
+                f"The {op} of the {phase} phase{' at ' + where if where else ''} over ranks "
+                f"{list(ranks)} failed: a peer process died or stopped answering ({exc}). "
+                f"Resume every rank from the last complete checkpoint (the recipes: "
+                f"--resume_from_checkpoint latest; torchrun --max-restarts does it for you); "
+                f"ab_training.collective_timeout_s sets how long a collective waits.") from exc
 
     @staticmethod
     def active() -> bool:
@@ -166,7 +187,8 @@ class Communicator:
         if len(ranks) <= 1 or not self.active():
             return tensor
         self.meter.record("all_reduce", tensor.numel() * tensor.element_size(), ranks, phase)
-        dist.all_reduce(tensor, op=op if op is not None else dist.ReduceOp.SUM, group=group)
+        self._run(lambda: dist.all_reduce(tensor, op=op if op is not None else dist.ReduceOp.SUM,
+                                          group=group), "all-reduce", ranks, phase)
         return tensor
 
     def broadcast(self, tensor: torch.Tensor, src: int, group: Any, ranks: Sequence[int],
@@ -175,7 +197,7 @@ class Communicator:
         if len(ranks) <= 1 or not self.active():
             return tensor
         self.meter.record("broadcast", tensor.numel() * tensor.element_size(), ranks, phase)
-        dist.broadcast(tensor, src=src, group=group)
+        self._run(lambda: dist.broadcast(tensor, src=src, group=group), "broadcast", ranks, phase)
         return tensor
 
     # -------------------------------------------------------------- coalesced helpers
@@ -228,7 +250,7 @@ class Communicator:
             return [tensor]
         self.meter.record("all_gather", tensor.numel() * tensor.element_size(), ranks, phase)
         out = [torch.empty_like(tensor) for _ in ranks]
-        dist.all_gather(out, tensor, group=group)
+        self._run(lambda: dist.all_gather(out, tensor, group=group), "all-gather", ranks, phase)
         return out
 
     def flags_of(self, flag: bool, group: Any, ranks: Sequence[int], phase: str

@@ -114,6 +114,13 @@ class ABConfig:
                           "training with an error naming the step, the phase and the ranks. "
                           "0: stop at the first."},
     )
+    collective_timeout_s: float | None = field(
+        default=None,
+        metadata={"help": "Seconds an AB collective waits for its peers before it fails with an "
+                          "error naming the phase and the step (ab_accel then uses its own "
+                          "process groups with this timeout). None: the process group's own "
+                          "(30 minutes under torchrun and Accelerate)."},
+    )
     accept_resume_changes: bool = field(
         default=False,
         metadata={"help": "Resuming from a checkpoint written with a different AB schedule "
@@ -193,6 +200,11 @@ class ABConfig:
                     f"ab_training.{name} must be a list of module-name suffixes or one regex "
                     f"string, got {value!r}."
                 )
+        timeout = self.collective_timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, (int, float)) or timeout <= 0):
+            raise ABConfigError(f"ab_training.collective_timeout_s must be a number of seconds "
+                                f"> 0 (or null for the process group's own), got {timeout!r}.")
         if not isinstance(self.accept_resume_changes, bool):
             raise ABConfigError("ab_training.accept_resume_changes must be true or false, got "
                                 f"{self.accept_resume_changes!r}.")

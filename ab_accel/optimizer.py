@@ -114,7 +114,7 @@ class ABOptimizer(torch.optim.Optimizer):
             # Disabled: a warm-up that never ends, i.e. plain data parallel (still metered).
             self.schedule = ABSchedule(warmup_steps=2**62, sync_every=1, rebound_steps=0)
         self.traffic = TrafficMeter()
-        self.comm = Communicator(self.traffic)
+        self.comm = Communicator(self.traffic, where=lambda: f"step {self._step}")
         self.process_group = process_group
         self.groups: ABGroups | None = None
         self.model: nn.Module | None = None

@@ -443,3 +443,30 @@ def checkpoint_faults(rank: int, world: int) -> dict[str, Any]:
     dist.barrier()
     out["unfinished"] = attempt()
     return out
+
+
+def silent_peer(rank: int, world: int) -> dict[str, Any]:
+    """Rank 1 stops answering; rank 0's next collective fails after collective_timeout_s with
+    an error that names the phase and the step (instead of waiting for 30 minutes)."""
+    import time
+
+    from ab_accel.comm import PeerError
+
+    cfg = ABConfig(warmup_steps=5, sync_every=6, rebound_steps=1, collective_timeout_s=2.0)
+    torch.manual_seed(0)
+    model = convert(small_cnn(), cfg)
+    opt = ABOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model, cfg)
+    for t in range(2):
+        loss_of(model, rank, t).backward()
+        opt.step()
+        opt.zero_grad()
+    if rank == 1:
+        time.sleep(8)  # alive, but silent
+        return {"slept": True}
+    loss_of(model, rank, 2).backward()
+    start = time.monotonic()
+    try:
+        opt.step()
+        return {"error": None}
+    except PeerError as exc:
+        return {"error": str(exc), "seconds": time.monotonic() - start}

@@ -284,3 +284,11 @@ def test_checkpoints_are_atomic_and_a_bad_one_is_refused_before_anything_loads()
     # the ranks that read the damaged shard name it
     for rank in (2, 3):
         assert "ab_group1.pt" in results[rank]["truncated"]["error"]
+
+
+def test_a_silent_peer_fails_the_collective_after_the_timeout_naming_phase_and_step():
+    rank0, rank1 = run_distributed(scenarios.silent_peer, 2)
+    assert rank1 == {"slept": True}
+    assert rank0["error"] is not None and rank0["seconds"] < 7, rank0
+    assert "warmup phase at step 2" in rank0["error"] and "all-reduce" in rank0["error"]
+    assert "collective_timeout_s" in rank0["error"]
