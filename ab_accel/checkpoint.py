@@ -49,8 +49,8 @@ SHARDS_DIR = "ab_training"
 #: ABConfig fields that change the AB schedule or the groups: a resume that changes one is refused
 #: unless ``accept_resume_changes`` is set (the other fields may change freely).
 SCHEDULE_FIELDS = ("enabled", "warmup_steps", "sync_every", "rebound_steps", "lr_rebound_steps",
-                   "rank_cutoff", "min_rank", "group_size", "sync_mode", "target_modules",
-                   "exclude_modules")
+                   "rank_cutoff", "min_rank", "rank_energy", "rank_fraction", "fixed_rank",
+                   "group_size", "sync_mode", "target_modules", "exclude_modules", "lean_memory")
 _TMP = ".tmp"
 
 

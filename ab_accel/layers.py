@@ -63,10 +63,24 @@ def break_even_rank(out_dim: int, in_dim: int) -> int:
 
 
 def cut_rank(singular_values: torch.Tensor, rank_cutoff: float, min_rank: int,
-             max_rank: int) -> int:
-    """r = #{s_i > tau * s_1}, clamped to [min_rank, max_rank] (and at least 1)."""
+             max_rank: int, *, energy: float | None = None, fraction: float | None = None,
+             fixed: int | None = None) -> int:
+    """The rank a factorization keeps, clamped to [min_rank, max_rank] (and at least 1).
+
+    One rule: ``fixed`` (that rank), ``fraction`` (ceil(fraction * min(m, n))), ``energy``
+    (the fewest leading singular values whose squares hold that share of sum(s_i^2)), or the
+    paper's cutoff r = #{s_i > tau * s_1} with tau = ``rank_cutoff``.
+    """
     s = singular_values
-    count = int((s > rank_cutoff * s[0]).sum().item()) if s.numel() else 0
+    if fixed is not None:
+        count = fixed
+    elif fraction is not None:
+        count = math.ceil(fraction * s.numel())
+    elif energy is not None:
+        share = torch.cumsum(s.double() ** 2, 0) / (s.double() ** 2).sum().clamp_min(1e-300)
+        count = int((share < energy - 1e-12).sum().item()) + 1
+    else:
+        count = int((s > rank_cutoff * s[0]).sum().item()) if s.numel() else 0
     r = max(count, min_rank, 1)
     return max(1, min(r, max_rank))
 
@@ -164,10 +178,11 @@ class ABLayer(nn.Module):
         return [self.weight]
 
     # ------------------------------------------------------------------ switches
-    def proposed_rank(self, rank_cutoff: float, min_rank: int = 1) -> int:
-        """Rank the cut would keep for the current W. Caches the SVD for :meth:`factorize`."""
+    def proposed_rank(self, rank_cutoff: float, min_rank: int = 1, **rule: Any) -> int:
+        """Rank the cut would keep for the current W (``rule``: the keywords of
+        :func:`cut_rank`). Caches the SVD for :meth:`factorize`."""
         self._svd_cache = _svd(self.matrix())
-        return cut_rank(self._svd_cache[1], rank_cutoff, min_rank, self.max_rank)
+        return cut_rank(self._svd_cache[1], rank_cutoff, min_rank, self.max_rank, **rule)
 
     @torch.no_grad()
     def factorize(self, rank: int) -> None:

@@ -470,3 +470,32 @@ def silent_peer(rank: int, world: int) -> dict[str, Any]:
         return {"error": None}
     except PeerError as exc:
         return {"error": str(exc), "seconds": time.monotonic() - start}
+
+
+def lean_memory_run(rank: int, world: int) -> dict[str, Any]:
+    """lean_memory (no dense step; switches layer by layer) against the same schedule without
+    it: the same parameters after every step, no layer ever dense again after the first
+    factorization, and no optimizer state of a dense weight."""
+    out: dict[str, Any] = {}
+    for lean in (False, True):
+        cfg = ABConfig(warmup_steps=0, sync_every=4, rebound_steps=0, lr_rebound_steps=1,
+                       rank_energy=0.9, lean_memory=lean)
+        torch.manual_seed(0)
+        model = convert(small_cnn(), cfg)
+        opt = ABOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3), model, cfg)
+        layers = list(ab_layers(model))
+        dense_shapes = {tuple(layer.weight_shape) for _, layer in layers}
+        steps, full_modes, dense_state = [], 0, 0
+        for t in range(9):
+            loss_of(model, rank, t).backward()
+            opt.step()
+            opt.zero_grad()
+            steps.append({k: v.detach().clone() for k, v in model.named_parameters()})
+            full_modes += sum(layer.mode == "full" for _, layer in layers)
+            dense_state += sum(1 for p, st in opt.optimizer.state.items()
+                               if tuple(p.shape) in dense_shapes and st)
+        out["lean" if lean else "plain"] = {
+            "steps": steps, "full_modes": full_modes, "dense_state": dense_state,
+            "switches": [(sw.event.value, sw.step) for sw in opt.switches],
+            "ranks": opt.ranks}
+    return out

@@ -292,3 +292,14 @@ def test_a_silent_peer_fails_the_collective_after_the_timeout_naming_phase_and_s
     assert rank0["error"] is not None and rank0["seconds"] < 7, rank0
     assert "warmup phase at step 2" in rank0["error"] and "all-reduce" in rank0["error"]
     assert "collective_timeout_s" in rank0["error"]
+
+
+def test_lean_memory_switches_layer_by_layer_with_the_same_result():
+    for res in run_distributed(scenarios.lean_memory_run, 4):
+        plain, lean = res["plain"], res["lean"]
+        assert lean["switches"] == plain["switches"] == [
+            ("factorize", 0), ("sync", 4), ("factorize", 4), ("sync", 8), ("factorize", 8)]
+        for a, b in zip(plain["steps"], lean["steps"], strict=True):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert lean["full_modes"] == 0 and lean["dense_state"] == 0
+        assert lean["ranks"] == plain["ranks"] and all(r for r in lean["ranks"].values())

@@ -183,3 +183,14 @@ def test_the_export_state_dict_is_the_dense_weight_under_the_original_keys():
     with factored_state_dict():
         assert list(layer.state_dict()) == ["A", "B", "bias"]
     assert list(layer.state_dict()) == ["weight", "bias"]  # the context ended
+
+
+def test_rank_rules_for_fine_tuning():
+    s = torch.tensor([4.0, 2.0, 1.0, 1.0, 0.5])  # energies 16, 4, 1, 1, 0.25 (sum 22.25)
+    assert cut_rank(s, 0.15, 1, 5) == 4 and cut_rank(s, 0.3, 1, 5) == 2  # s_i > tau * 4
+    assert cut_rank(s, 0.15, 1, 5, energy=0.7) == 1   # 16 / 22.25 = 0.719 >= 0.7
+    assert cut_rank(s, 0.15, 1, 5, energy=0.9) == 3   # 20 / 22.25 = 0.899 < 0.9 <= 0.944
+    assert cut_rank(s, 0.15, 1, 5, energy=0.95) == 4  # 0.944 < 0.95 <= 0.989
+    assert cut_rank(s, 0.15, 1, 5, fraction=0.5) == 3  # ceil(2.5)
+    assert cut_rank(s, 0.15, 1, 3, fixed=4) == 3       # capped at the break-even rank
+    assert cut_rank(s, 0.15, 2, 5, fixed=1) == 2       # and at least min_rank
