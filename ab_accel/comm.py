@@ -45,6 +45,28 @@ def wire_factor(op: str, group_size: int) -> float:
     raise ValueError(f"unknown collective {op!r}")
 
 
+class PendingMean:
+    """An asynchronous bucket mean of :meth:`Communicator.launch_mean`; wait() finishes it."""
+
+    def __init__(self, comm: Communicator, work: Any, flat: torch.Tensor, wire: torch.Tensor,
+                 tensors: list[torch.Tensor], denom: float | None, ranks: Sequence[int],
+                 phase: str) -> None:
+        self.comm, self.work, self.flat, self.wire = comm, work, flat, wire
+        self.tensors, self.denom, self.ranks, self.phase = tensors, denom, ranks, phase
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.comm._run(self.work.wait, "all-reduce", self.ranks, self.phase)
+        if self.wire is not self.flat:
+            self.flat.copy_(self.wire)
+        if self.denom is not None:
+            self.flat.div_(self.denom)
+        offset = 0
+        for t in self.tensors:
+            t.copy_(self.flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
 class PeerError(RuntimeError):
     """A collective failed because a peer died or stopped answering; names phase and step."""
 
@@ -160,6 +182,8 @@ class Communicator:
                  where: Callable[[], str] | None = None) -> None:
         self.meter = meter if meter is not None else TrafficMeter()
         self.device = torch.device(device)
+        #: The dtype of floating-point payloads on the wire (None: their own); see launch_mean.
+        self.wire_dtype: torch.dtype | None = None
         #: Says where training is (the optimizer's step) for the error of a failed collective.
         self.where = where or (lambda: "")
 
@@ -216,18 +240,42 @@ class Communicator:
                 for t, w in zip(tensors, weights, strict=True):
                     t.mul_(w / divisor)
             return
-        denom = float(divisor if divisor is not None else len(ranks))
         scale = [1.0] * len(tensors) if weights is None else list(weights)
         for bucket in _buckets(tensors):
-            flat = torch.cat([(tensors[i] * scale[i] if scale[i] != 1.0 else tensors[i])
-                              .reshape(-1) for i in bucket])
-            self.all_reduce(flat, group, ranks, phase)
+            self.launch_mean([tensors[i] for i in bucket], group, ranks, phase,
+                             [scale[i] for i in bucket], divisor).wait()
+
+    def launch_mean(self, tensors: list[torch.Tensor], group: Any, ranks: Sequence[int],
+                    phase: str, weights: Sequence[float] | None = None,
+                    divisor: float | None = None) -> PendingMean:
+        """Start the mean of one bucket (tensors of one dtype and device) as an asynchronous
+        all-reduce; :meth:`PendingMean.wait` finishes it and writes the result back.
+
+        With a ``wire_dtype`` narrower than the tensors', the bucket is divided by the
+        denominator in its own precision first (so the sum on the wire cannot exceed the
+        largest value a rank sent), cast to the wire dtype, summed by the collective, and cast
+        back into the tensors' precision: what torch's bf16/fp16 compression hooks do. The
+        meter counts the bytes sent, in the wire dtype.
+        """
+        denom = float(divisor if divisor is not None else len(ranks))
+        scale = [1.0] * len(tensors) if weights is None else list(weights)
+        flat = torch.cat([(t * w if w != 1.0 else t).reshape(-1)
+                          for t, w in zip(tensors, scale, strict=True)])
+        wire = flat
+        cast = (self.wire_dtype is not None and flat.is_floating_point()
+                and flat.element_size() > torch.empty((), dtype=self.wire_dtype).element_size())
+        if cast:
             flat.div_(denom)
-            offset = 0
-            for i in bucket:
-                t = tensors[i]
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                offset += t.numel()
+            wire = flat.to(self.wire_dtype)
+        work = None
+        if len(ranks) > 1 and self.active():
+            self.meter.record("all_reduce", wire.numel() * wire.element_size(), ranks, phase)
+            holder: list[Any] = []
+            self._run(lambda: holder.append(dist.all_reduce(wire, group=group, async_op=True)),
+                      "all-reduce", ranks, phase)
+            work = holder[0]
+        return PendingMean(self, work, flat, wire, tensors, None if cast else denom, ranks,
+                           phase)
 
     def broadcast_(self, tensors: Iterable[torch.Tensor], src: int, group: Any,
                    ranks: Sequence[int], phase: str) -> None:

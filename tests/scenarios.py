@@ -164,21 +164,21 @@ def _run_mode(rank: int, world: int, cfg: ABConfig, optimizer_name: str) -> dict
             # Capture the factors after this last AB update, right before the sync runs.
             orig_sync = opt._sync
 
-            def capture(orig=orig_sync, entry=entry):
+            def capture(*args, orig=orig_sync, entry=entry):
                 entry["pre_sync"] = {n: (layer.A.detach().clone(), layer.B.detach().clone())
                                      for n, layer in ab_layers(model)}
                 entry["pre_sync_dense"] = {n: p.detach().clone() for n, p in
                                            model.named_parameters()
                                            if not n.endswith((".A", ".B"))}
-                orig()
+                orig(*args)
 
             opt._sync = capture
         orig_event = opt._run_event
 
-        def snapshot_then_switch(event, orig=orig_event, entry=entry):
+        def snapshot_then_switch(event, *args, orig=orig_event, entry=entry):
             # The parameters as the step left them, before any switch restructures them.
             entry.setdefault("pre_switch", flat_named(model))
-            orig(event)
+            orig(event, *args)
 
         opt._run_event = snapshot_then_switch
         with spy:
