@@ -242,7 +242,9 @@ class ABOptimizer(torch.optim.Optimizer):
         if self.model is not None:
             raise RuntimeError("ABOptimizer is already bound to a model")
         self.model = model
-        self._layers = list(ab_layers(model))
+        # Layer names as the user's model has them, not under a DDP wrapper's "module." prefix.
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self._layers = list(ab_layers(inner))
         if not self._layers and self.config.enabled:
             raise ValueError(f"The model has no AB layers: {why_nothing_to_factorize(model)}")
         self.groups = build_groups(self.config, world=self.process_group)
@@ -788,7 +790,11 @@ def _unique_buffers(model: nn.Module) -> Iterable[torch.Tensor]:
 
 
 def _digest(layers: list[ABLayer]) -> float:
-    """A CRC32 of every factor's bytes (exact in a float64)."""
+    """A CRC32 of every factor's bytes (exact in a float64).
+
+    Costs one copy of the factors to host memory per factorization (a switch, every
+    ``sync_every`` steps; never in a training step): the price of checking that every rank's
+    SVD gave the same factors."""
     crc = 0
     for layer in layers:
         for t in (layer.A, layer.B):

@@ -75,6 +75,7 @@ class CollectiveSpy:
         self.calls = 0
         self.groups: list[tuple[int, ...]] = []
         self.sizes: list[tuple[int, str]] = []  # (bytes, dtype) of every call, in issue order
+        self.devices: set[str] = set()
         self._orig: dict[str, Callable] = {}
 
     def __enter__(self) -> CollectiveSpy:
@@ -86,6 +87,7 @@ class CollectiveSpy:
                 self.calls += 1
                 self.bytes += tensor.numel() * tensor.element_size()
                 self.sizes.append((tensor.numel() * tensor.element_size(), str(tensor.dtype)))
+                self.devices.add(str(tensor.device))
                 group = kwargs.get("group")
                 ranks = tuple(dist.get_process_group_ranks(group)) if group is not None \
                     else tuple(range(dist.get_world_size()))
@@ -209,6 +211,8 @@ def _run_mode(rank: int, world: int, cfg: ABConfig, optimizer_name: str) -> dict
     rec["summary"] = opt.traffic.summary()
     rec["records"] = opt.traffic.records
     rec["spy_bytes"] = spy.bytes
+    rec["spy_devices"] = sorted(spy.devices)
+    rec["comm_device"] = str(opt.comm.device)
     rec["spy_calls"] = spy.calls
     rec["spy_groups"] = spy.groups
     rec["dp_step_bytes"] = dp_equivalent_bytes_per_step(small_cnn)

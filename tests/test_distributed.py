@@ -170,6 +170,9 @@ def test_meter_counts_what_really_went_through_torch_distributed(runs, mode):
         s = rec["summary"]
         assert s["bytes"] == rec["spy_bytes"]
         assert s["calls"] == rec["spy_calls"]
+        # every tensor ab_accel hands to torch.distributed lives on the model's device (an
+        # NCCL group reduces CUDA tensors only)
+        assert rec["spy_devices"] == [rec["comm_device"]]
         assert s["bytes"] == sum(s["bytes_by_phase"].values())
         steps = len(rec["steps"])
         assert s["dp_equivalent_bytes"] == steps * rec["dp_step_bytes"]
