@@ -120,7 +120,12 @@ def initialize_path(rank: int, world: int, ckpt_dir: str) -> dict[str, Any]:
         norm = float(engine._global_grad_norm)
         for micro in range(gas):
             x, y = micro_batch(rank, t, micro)
-            (nn.functional.cross_entropy(twin(x), y) / gas).backward()
+            loss = nn.functional.cross_entropy(twin(x), y) / gas
+            if micro < gas - 1:
+                with twin_opt.no_sync():  # accumulation micro-step: nothing is reduced
+                    loss.backward()
+            else:
+                loss.backward()
         twin_norm = float(twin_opt.clip_grad_norm_(clip))
         twin_opt.step()
         twin_opt.zero_grad()
