@@ -1,0 +1,277 @@
+"""The knobs of the image recipes and how they are read (jsonargparse).
+
+Defaults here < a config file (``--config file.yaml``; without one, the recipe's digits config, or
+its ImageNet config when ``--data_dir`` / ``--dataset_name`` is given) < the row of the paper's
+per-node schedule table in that file < the command line. ``--lr 1e-3``; inside the AB-training
+block, which is :class:`ab_accel.ABConfig` itself, ``--ab_training.sync_every 500``; inside the
+model's config fields ``--model.hidden_size 384``; lists as ``--image_mean [0.5,0.5,0.5]``.
+``--help`` lists every knob with its help text (the ``metadata["help"]`` of the fields).
+
+Everything is checked before anything heavy is loaded: a wrong key, type or value raises
+:class:`ConfigError`, which the recipes print as one line and exit with code 2.
+"""
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+
+from ab_accel import ABConfig, ABConfigError
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+logger = logging.getLogger("recipes")
+
+
+class ConfigError(ValueError):
+    """A bad knob, config file or data location. The message says what to change."""
+
+
+def knob(default: Any, help: str) -> Any:
+    """A dataclass field that carries its help text, as ABConfig's fields do."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataArgs:
+    """Where the images come from (the image recipes and finetune.py)."""
+
+    data_dir: str | None = knob(None, "ImageNet-style tree <data_dir>/{train,val}/<class>/<image> "
+                                "(datasets' imagefolder). None, and no dataset_name: digits.")
+    dataset_name: str | None = knob(None, "A hub dataset (online), e.g. uoft-cs/cifar10.")
+    dataset_config_name: str | None = knob(None, "The hub dataset's configuration.")
+    train_split: str = knob("train", "The split to train on.")
+    eval_split: str = knob("auto", "auto: validation, val, valid or test; if none exists, "
+                           "validation_split of train.")
+    validation_split: float = knob(0.1, "Share of train held out when there is no eval split.")
+    image_column: str = knob("auto", "auto: image, img or pixel_values.")
+    label_column: str = knob("auto", "A ClassLabel column. auto: label, labels or fine_label.")
+    cache_dir: str | None = knob(None, "datasets' cache (None: ~/.cache/huggingface/datasets).")
+    max_train_samples: PositiveInt | None = knob(None, "Train on the first N images only.")
+    max_eval_samples: PositiveInt | None = knob(None, "Evaluate on the first N images only.")
+    seed: int = knob(0, "Seed of the model init, the shuffle order and the augmentation.")
+
+
+@dataclass
+class TrainArgs(DataArgs):
+    """The knobs of recipes/vit.py and recipes/resnet.py (steps are optimizer steps)."""
+
+    image_size: PositiveInt = knob(224, "Input size in pixels (square).")
+    image_mean: list[float] = knob([0.485, 0.456, 0.406], "One per channel (num_channels).")
+    image_std: list[float] = knob([0.229, 0.224, 0.225], "One per channel.")
+    crop_scale: tuple[float, float] = knob((0.08, 1.0), "RandomResizedCrop scale (train).")
+    hflip: bool = knob(True, "RandomHorizontalFlip (train).")
+    eval_crop_ratio: float = knob(0.875, "Eval: resize to image_size / ratio, center crop.")
+    num_workers: NonNegativeInt = knob(8, "DataLoader worker processes per rank.")
+    model_type: str = knob("vit", "transformers model type built from scratch (AutoConfig).")
+    model_name_or_path: str | None = knob(None, "Fine-tune from a save_pretrained folder or a "
+                                          "hub id, instead of training from scratch.")
+    model: dict[str, Any] = knob({}, "Config fields of the model from scratch: --model.KEY V.")
+    orthogonal_init: bool | Literal["auto"] = knob("auto", "The paper's init (singular values "
+                                                   "1). auto: from scratch, not fine-tuning.")
+    epochs: PositiveInt = knob(150, "Epochs, unless max_steps is set.")
+    max_steps: PositiveInt | None = knob(None, "Optimizer steps, instead of epochs.")
+    batch_size: PositiveInt = knob(4096, "GLOBAL batch = per process x processes x accumulation.")
+    gradient_accumulation_steps: PositiveInt = knob(1, "Micro-batches per optimizer step.")
+    lr: PositiveFloat = knob(3.5e-3, "Peak learning rate (AdamW).")
+    lr_start: NonNegativeFloat = knob(1e-5, "Learning rate at step 0, linear warm-up to lr.")
+    min_lr: NonNegativeFloat = knob(1e-5, "Learning rate at the end of the cosine decay.")
+    lr_warmup_epochs: NonNegativeFloat = knob(10.0, "LR warm-up (not ab_training.warmup_steps).")
+    weight_decay: NonNegativeFloat = knob(0.1, "AdamW decay, not on biases and norms.")
+    betas: tuple[float, float] = knob((0.9, 0.999), "AdamW betas.")
+    label_smoothing: float = knob(0.1, "Cross-entropy label smoothing, in [0, 1).")
+    max_grad_norm: NonNegativeFloat = knob(1.0, "Clip the reduced gradients (0: off).")
+    mixed_precision: Literal["no", "bf16", "fp16", "fp8"] = knob(
+        "bf16", "no or bf16 (fp16 and fp8 are refused, with the reason).")
+    no_ab: bool = knob(False, "--no-ab: plain data parallel (DDP), everything else identical.")
+    ab_training: ABConfig = knob(ABConfig(), "ab_accel.ABConfig; group_size world: one group.")
+    ab_schedule_by_nodes: dict[int, dict[str, Any]] = knob({}, "The paper's table: nodes -> "
+                                                           "knobs of that row.")
+    nodes: PositiveInt | Literal["auto"] = knob("auto", "The row to use. auto: processes / "
+                                                "gpus_per_node.")
+    gpus_per_node: PositiveInt = knob(4, "Processes per node (nodes: auto).")
+    output_dir: str = knob("runs/recipe", "summary.json, metrics.jsonl, checkpoints/, model/.")
+    eval_every_epochs: PositiveInt = knob(1, "Evaluate every N epochs (and at the end).")
+    log_every: PositiveInt = knob(10, "Optimizer steps between train-loss records.")
+    report_to: str = knob("tensorboard", "Accelerate tracker (tensorboard, wandb...) or none.")
+    checkpointing_steps: PositiveInt | None = knob(None, "save_state every N optimizer steps.")
+    resume_from_checkpoint: str | None = knob(None, "A checkpoint folder, or latest.")
+    save_model: bool = knob(True, "Export the merged dense model (save_pretrained).")
+    baseline_run: str | None = knob(None, "output_dir of a --no-ab run to compare traffic with.")
+    cpu: bool | Literal["auto"] = knob("auto", "CPU (gloo). auto: when no CUDA is visible.")
+    config: str | None = knob(None, "The config file this run read (set by --config).")
+
+    def __post_init__(self) -> None:
+        for ok, what in [
+                (not (self.data_dir and self.dataset_name), "give data_dir or dataset_name, "
+                 "not both"),
+                (len(self.image_mean) == len(self.image_std), f"image_mean {self.image_mean} and "
+                 f"image_std {self.image_std} need one value per channel each"),
+                (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, f"crop_scale must be [low, "
+                 f"high] with 0 < low <= high <= 1, got {list(self.crop_scale)}"),
+                (0 < self.eval_crop_ratio <= 1, "eval_crop_ratio must be in (0, 1]"),
+                (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+                (0 < self.validation_split < 1, "validation_split must be in (0, 1)")]:
+            if not ok:
+                raise ConfigError(what + ".")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What vit.py and resnet.py set: the model family, its defaults and its config files."""
+
+    name: str
+    model_type: str
+    model: dict[str, Any]
+    digits_config: str
+    imagenet_config: str
+    imagenet_note: str  # what the ImageNet config trains, for the message on a small machine
+
+
+# ------------------------------------------------------------------------------- the parser
+def help_from_metadata(parser: ArgumentParser, cls: type, prefix: str = "") -> None:
+    """Show each dataclass field's ``metadata["help"]`` in --help (jsonargparse reads help from
+    docstrings only; the fields of ABConfig and of TrainingArguments carry it in metadata)."""
+    helps = {prefix + f.name: f.metadata["help"] for f in dataclasses.fields(cls)
+             if "help" in f.metadata}
+    for action in parser._actions:
+        if action.dest in helps:
+            action.help = helps[action.dest]
+
+
+def did_you_mean(message: str, parser: ArgumentParser) -> str:
+    """The hint jsonargparse does not give: the closest knob to an unknown one."""
+    match = (re.search(r"Group '([\w.]+)' does not accept option '(\w+)'", message)
+             or re.search(r"Option '([\w.]+)' is not accepted", message)
+             or re.search(r"unrecognized arguments: --([\w.-]+)", message))
+    if not match:
+        return ""
+    key = ".".join(match.groups()).replace("-", "_")
+    block, _, name = key.rpartition(".")
+    known = [a.dest.rpartition(".")[2] for a in parser._actions
+             if a.dest.rpartition(".")[0] == block]
+    hint = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    where = f" in {block}" if block else ""
+    return f" (unknown key {name!r}{where}" + (f": did you mean {hint[0]!r}?)" if hint else ")")
+
+
+def build_parser(recipe: Recipe, cls: type = TrainArgs) -> ArgumentParser:
+    parser = ArgumentParser(prog=f"{recipe.name}.py", exit_on_error=False,
+                            description=f"{recipe.name} image classification with AB-training "
+                                        f"(arXiv 2405.01067); see docs/recipes.md.")
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help=f"A YAML file of knobs (configs/). Default: {recipe.digits_config}, "
+                             f"or {recipe.imagenet_config} when a data argument is given.")
+    parser.add_class_arguments(cls, as_group=False, skip={"no_ab", "config"})
+    parser.add_argument("--no-ab", "--no_ab", dest="no_ab", action="store_true",
+                        help=cls.__dataclass_fields__["no_ab"].metadata["help"])
+    parser.set_defaults(model_type=recipe.model_type, model=recipe.model,
+                        output_dir=f"runs/{recipe.name}")
+    help_from_metadata(parser, cls)
+    help_from_metadata(parser, ABConfig, prefix="ab_training.")
+    return parser
+
+
+def parse(recipe: Recipe, argv: Sequence[str], world_size: int | None = None) -> TrainArgs:
+    """The knobs of a run: defaults, the config file, the paper's row for this many nodes, argv.
+
+    ``world_size``: processes in the run (None: $WORLD_SIZE, set by the launcher), which picks
+    the row of ``ab_schedule_by_nodes`` when ``nodes`` is auto.
+    """
+    parser = build_parser(recipe)
+    argv = [p for a in argv for p in (a.split("=", 1) if a.startswith("--config=") else [a])]
+    if "--config" not in argv:
+        data = any(a.split("=")[0] in ("--data_dir", "--dataset_name") for a in argv)
+        argv = ["--config", recipe.imagenet_config if data else recipe.digits_config, *argv]
+    last = max(i for i, a in enumerate(argv) if a == "--config") + 1
+    config = argv[last] if last < len(argv) else None
+    in_repo = os.path.join(REPO_DIR, config or "")  # configs/x.yaml from any working directory
+    if config and not os.path.exists(config) and os.path.exists(in_repo):
+        argv[last] = in_repo
+    try:
+        ns = parser.parse_args(argv)
+        if ns.ab_schedule_by_nodes:  # the row goes between the config file and the command line
+            argv[last + 1:last + 1] = ["--config", json.dumps(_nodes_row(ns, config, recipe,
+                                                                         world_size))]
+            ns = parser.parse_args(argv)
+        values = parser.instantiate(ns).as_dict()
+        values.pop("__path__", None)
+        args = TrainArgs(**{**values, "config": config})
+        from ab_accel.support import check_mixed_precision
+
+        check_mixed_precision(args.mixed_precision)
+    except ABConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    except argparse.ArgumentError as exc:  # what jsonargparse raises (exit_on_error=False)
+        raise ConfigError(str(exc).strip() + did_you_mean(str(exc), parser)) from None
+    return args
+
+
+def _nodes_row(ns: Any, config: str | None, recipe: Recipe, world_size: int | None
+               ) -> dict[str, Any]:
+    table, nodes = ns.ab_schedule_by_nodes, ns.nodes
+    if nodes == "auto":
+        world = world_size if world_size is not None else launched_world_size()
+        if world % ns.gpus_per_node:
+            raise ConfigError(
+                f"{config}: the schedule table is per number of nodes of {ns.gpus_per_node} "
+                f"processes (gpus_per_node), but this run has {world} processes. Pick a row "
+                f"with --nodes N (rows: {sorted(table)}), or set --gpus_per_node.")
+        nodes = world // ns.gpus_per_node
+    if nodes not in table:
+        small = "" if config != recipe.imagenet_config else (
+            f" A data argument without --config reads {config}: {recipe.imagenet_note}. For a "
+            f"small data set or machine start from --config {recipe.digits_config} and set "
+            f"--image_size, --image_mean, --image_std, --model.* and --batch_size.")
+        raise ConfigError(
+            f"{config}: the paper's schedule has no row for {nodes} node(s) (rows: "
+            f"{sorted(table)}). Pick one with --nodes N, or set the schedule with "
+            f"--ab_training.warmup_steps/sync_every/rebound_steps/lr_rebound_steps.{small}")
+    return {**table[nodes], "nodes": nodes}
+
+
+# ------------------------------------------------------------------------------- AB config
+def launched_world_size() -> int:
+    """The number of processes the launcher started ($WORLD_SIZE; 1 for a plain python run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def deepspeed_launch() -> bool:
+    """True under `accelerate launch --use_deepspeed` (or a DeepSpeed accelerate config)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def ab_config(args: TrainArgs, world_size: int, from_scratch: bool) -> ABConfig:
+    """The ABConfig of this run, checked against the world size before any training.
+
+    Under ``accelerate launch --use_deepspeed`` the top-level "ab_training" key of the DeepSpeed
+    JSON, when it has one, is the schedule (:func:`ab_accel.config.resolve_config`, with the
+    recipe's own block as the fallback). Then ``--no-ab`` and ``orthogonal_init`` apply.
+    """
+    from ab_accel.config import resolve_config
+
+    try:
+        config, source = resolve_config(environ=os.environ, fallback=args.ab_training)
+        if source != "the fallback":
+            logger.info("AB-training schedule: %s", source)
+        orthogonal = (config.orthogonal_init or from_scratch) if args.orthogonal_init == "auto" \
+            else args.orthogonal_init
+        config = dataclasses.replace(
+            config, enabled=config.enabled and not args.no_ab, orthogonal_init=orthogonal,
+            group_size=world_size if config.group_size == "world" else config.group_size)
+        if config.enabled:
+            config.resolve_group_size(world_size)
+    except ABConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    return config

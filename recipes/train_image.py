@@ -1,0 +1,380 @@
+"""The one training loop of recipes/vit.py and recipes/resnet.py: image classification with
+AB-training (Coquelin et al., arXiv 2405.01067) under `accelerate launch`.
+
+It reads top to bottom like Accelerate's complete_cv_example.py: knobs, Accelerator, data,
+model, optimizer, LR schedule, prepare, the loop, evaluation, checkpoints, the end. Against a
+plain Accelerate loop the AB-training change is one line, ``ab_accel.prepare`` in place of
+``accelerator.prepare``; at the end ``ABOptimizer.finalize()`` makes the groups hold one model
+and ``ab_accel.merge`` exports it as plain dense layers.
+
+Libraries do what is not AB-specific: jsonargparse the knobs (args.py), torch's schedulers the
+learning rate, ``gather_for_metrics`` the evaluation, Accelerate's trackers the logs (report.py),
+transformers' Auto classes the model, datasets and torchvision the data (data.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from args import (ConfigError, Recipe, TrainArgs, ab_config, deepspeed_launch, launched_world_size,
+                  parse)
+from data import (IGNORE_INDEX, ImageDataset, UnreadableImages, check_data_dir, class_names,
+                  image_transform, load_splits, loaders)
+
+from ab_accel import ABConfigError
+
+logger = logging.getLogger("recipes")
+SET_BY_RECIPE = ("image_size", "num_channels", "num_labels", "id2label", "label2id")
+
+
+def check_model_keys(model_type: str, values: dict[str, Any]) -> None:
+    """The model block holds fields of the model type's config class (a typo stops here)."""
+    import difflib
+
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError(f"model_type {model_type!r} is not a transformers model type.")
+    cls = CONFIG_MAPPING[model_type]
+    known = set(cls().to_dict())
+    for key in values:
+        if key in SET_BY_RECIPE:
+            raise ConfigError(f"model.{key} is set by the recipe (image_size and image_mean at "
+                              f"the top level, the labels from the data): remove it.")
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+            raise ConfigError(f"model.{key} is not a {cls.__name__} field."
+                              + (f" Did you mean {hint[0]!r}?" if hint else ""))
+
+
+def build_model(args: TrainArgs, labels: list[str]) -> Any:
+    """From AutoConfig.for_model(model_type, **model) (from scratch) or from_pretrained."""
+    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForImageClassification
+
+    id2label = dict(enumerate(labels))
+    heads = {"num_labels": len(labels), "id2label": id2label,
+             "label2id": {name: i for i, name in id2label.items()}}
+    if args.model_name_or_path:  # a new head for these classes
+        model = AutoModelForImageClassification.from_pretrained(
+            args.model_name_or_path, ignore_mismatched_sizes=True, **heads)
+        size = getattr(model.config, "image_size", args.image_size)
+        if size != args.image_size:
+            raise ConfigError(f"{args.model_name_or_path} was trained on {size}px images but "
+                              f"image_size is {args.image_size}: pass --image_size {size}.")
+    else:
+        sized = "image_size" in CONFIG_MAPPING[args.model_type]().to_dict()
+        config = AutoConfig.for_model(args.model_type, num_channels=len(args.image_mean),
+                                      **heads, **({"image_size": args.image_size} if sized
+                                                  else {}), **args.model)
+        model = AutoModelForImageClassification.from_config(config)
+    if model.config.num_channels != len(args.image_mean):
+        raise ConfigError(f"the model takes {model.config.num_channels}-channel images but "
+                          f"image_mean has {len(args.image_mean)} values: one per channel.")
+    return model
+
+
+def make_accelerator(args: TrainArgs, trackers: list[Any]) -> Any:
+    """CPU (gloo) when no CUDA device is visible; a seeded sampler; the trackers."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs,
+                                  ProjectConfiguration)
+
+    import datasets
+    import transformers
+
+    cpu = not torch.cuda.is_available() if args.cpu == "auto" else args.cpu
+    if not torch.cuda.is_available():  # accelerate's unwrap_model imports deepspeed when it is
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # installed: skip its "no GPU" warning
+    datasets.disable_progress_bars()  # quiet logs: tqdm shows the training steps only
+    transformers.utils.logging.disable_progress_bar()
+    handlers = []
+    if deepspeed_launch():  # Accelerator(cpu=True) would turn DeepSpeed off: gloo by kwargs
+        handlers, cpu = ([InitProcessGroupKwargs(backend="gloo")] if cpu else []), False
+    accelerator = Accelerator(
+        cpu=cpu, kwargs_handlers=handlers, mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, "logs")),
+        # The shuffle order is a function of (seed, epoch): a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr, force=True,
+                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    for noisy in ("datasets", "transformers", "accelerate", "filelock", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.makedirs(args.output_dir, exist_ok=True)
+    return accelerator
+
+
+def lr_schedule(optimizer: Any, total_steps: int, warmup_steps: int, lr_start: float,
+                min_lr: float) -> Any:
+    """Linear warm-up from lr_start to the optimizer's lr over warmup_steps, then cosine to
+    min_lr at total_steps: torch's SequentialLR(LinearLR, CosineAnnealingLR). Stepped once per
+    optimizer step (not prepared by Accelerate, whose wrapper steps it once per process);
+    AB-training's LR rebound multiplies it inside ABOptimizer.step()."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=min_lr)
+    if not warmup_steps:
+        return cosine
+    peak = optimizer.param_groups[0]["lr"]
+    warm = LinearLR(optimizer, start_factor=min(1.0, max(lr_start / peak, 1e-12)),
+                    total_iters=warmup_steps)
+    return SequentialLR(optimizer, [warm, cosine], milestones=[warmup_steps])
+
+
+def top_k_hits(ranked: Any, labels: Any) -> tuple[int, int]:
+    """(top-1 hits, top-k hits) of class indices ranked best first, shape (N, k)."""
+    hits = ranked == labels[:, None]
+    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
+
+
+def evaluate(model: Any, loader: Any, accelerator: Any, num_labels: int,
+             unreadable: UnreadableImages, k: int = 5) -> dict[str, Any]:
+    """Top-1 and top-k over the whole eval set: each rank runs its shard, gather_for_metrics
+    collects the predictions (without the last batch's padding). Top-k is not reported when
+    k >= the number of classes: it would be 1.0 by construction."""
+    import torch
+    from accelerate.utils import gather_object
+
+    was_training, hit1, hitk, count = model.training, 0, 0, 0
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(pixel_values=batch["pixel_values"]).logits
+            ranked = logits.topk(min(k, num_labels), dim=-1).indices
+            ranked, labels = accelerator.gather_for_metrics((ranked, batch["labels"]))
+            unreadable.add(batch["index"], batch["labels"])
+            keep = labels != IGNORE_INDEX
+            h1, hk = top_k_hits(ranked[keep], labels[keep])
+            hit1, hitk, count = hit1 + h1, hitk + hk, count + int(keep.sum())
+    model.train(was_training)
+    unreadable.flush(gather_object, accelerator.is_main_process)
+    return {"top1": hit1 / max(1, count), f"top{k}": hitk / max(1, count) if num_labels > k
+            else None, "count": count, "skipped": len(unreadable.seen)}
+
+
+def same_init_without_ab(model: Any, config: Any) -> None:
+    """--no-ab with orthogonal_init: give the plain model the initial weights the AB run starts
+    from (convert, then merge back), so that the two runs differ only in AB-training."""
+    import torch
+
+    from ab_accel import convert, merge
+
+    if config.enabled or not config.orthogonal_init:
+        return
+    with torch.random.fork_rng(devices=[]):  # merge builds new layers: keep the RNG stream
+        merge(convert(model, dataclasses.replace(config, enabled=True)))
+
+
+def resolve_checkpoint(args: TrainArgs) -> str | None:
+    path = args.resume_from_checkpoint
+    if path == "latest":
+        folder = os.path.join(args.output_dir, "checkpoints")
+        steps = sorted((int(d.split("_")[-1]), d) for d in os.listdir(folder)
+                       if d.startswith("step_")) if os.path.isdir(folder) else []
+        if not steps:
+            raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {folder}.")
+        path = os.path.join(folder, steps[-1][1])
+    if path and not os.path.isdir(path):
+        raise ConfigError(f"--resume_from_checkpoint {path!r} does not exist.")
+    return path
+
+
+def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
+    # ---- knobs: every check that needs no heavy import runs first
+    args = parse(recipe, argv)
+    if args.data_dir:
+        check_data_dir(args.data_dir)
+    resume_dir = resolve_checkpoint(args)
+    from_scratch = not args.model_name_or_path
+    ab_config(args, launched_world_size(), from_scratch)  # groups that fit the launched world
+    if from_scratch:
+        check_model_keys(args.model_type, args.model)
+    started = time.time()
+
+    import torch
+    import torch.nn.functional as F
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    import ab_accel
+    import report
+    from ab_accel.accelerate import ab_optimizer
+
+    jsonl = report.JSONLTracker(os.path.join(args.output_dir, "metrics.jsonl"))
+    accelerator = make_accelerator(args, [jsonl] + ([] if args.report_to.lower() == "none"
+                                                    else [args.report_to]))
+    torch.manual_seed(args.seed)
+    world = accelerator.num_processes
+    parts = world * args.gradient_accumulation_steps
+    if args.batch_size % parts:
+        raise ConfigError(f"batch_size {args.batch_size} (global) does not split over {world} "
+                          f"processes x {args.gradient_accumulation_steps} accumulation steps: "
+                          f"use a multiple of {parts}.")
+
+    # ---- data
+    with accelerator.main_process_first():  # one process builds the datasets cache
+        train_split, eval_split, data_desc = load_splits(args)
+    labels = class_names(train_split)
+    logger.info("data: %s", data_desc)
+    size, channels = args.image_size, len(args.image_mean)
+    train_ds = ImageDataset(train_split, image_transform(
+        size, args.image_mean, args.image_std, train=True, crop_scale=args.crop_scale,
+        hflip=args.hflip), channels, size, args.seed)
+    eval_ds = ImageDataset(eval_split, image_transform(
+        size, args.image_mean, args.image_std, eval_crop_ratio=args.eval_crop_ratio),
+        channels, size, args.seed)
+    train_dl, eval_dl = loaders(train_ds, eval_ds, args.batch_size // parts, args.num_workers,
+                                pin_memory=accelerator.device.type == "cuda")
+
+    # ---- model, optimizer, AB-training (the one changed line: ab_accel.prepare), LR schedule
+    model = build_model(args, labels)
+    config = ab_config(args, world, from_scratch)
+    same_init_without_ab(model, config)
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # not biases and norms
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=args.lr,
+                                  betas=args.betas)
+    model, optimizer, train_dl, eval_dl = ab_accel.prepare(
+        accelerator, model, optimizer, train_dl, eval_dl, config=config)
+    ab_opt = ab_optimizer(optimizer) if config.enabled else None
+    steps_per_epoch = -(-len(train_dl) // args.gradient_accumulation_steps)
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    epochs = -(-total_steps // steps_per_epoch)
+    scheduler = lr_schedule(optimizer, total_steps, round(args.lr_warmup_epochs * steps_per_epoch),
+                            args.lr_start, args.min_lr)
+    ddp_traffic = None
+    if ab_opt is None and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        ddp_traffic = report.DDPTraffic(model, world)  # measure what plain DP sends
+    record = report.RunLog(accelerator, lambda: (
+        (ab_opt.traffic.wire_bytes, ab_opt.traffic.dp_equivalent_wire_bytes) if ab_opt
+        else (ddp_traffic.wire_bytes if ddp_traffic else 0.0, 0.0)))
+    bad_train, bad_eval = UnreadableImages(train_ds), UnreadableImages(eval_ds)
+    for obj in (scheduler, ddp_traffic, bad_train, record):  # saved with accelerator.save_state
+        if obj is not None:
+            accelerator.register_for_checkpointing(obj)
+    if resume_dir:
+        accelerator.load_state(resume_dir)  # ab_accel restores each rank's own group shard
+        jsonl.restart_from = record.train + record.evals
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, record.step,
+                    record.epoch, record.batches_in_epoch)
+    accelerator.init_trackers(recipe.name, config=report.flat(dataclasses.asdict(args)))
+    report.log_start(args, accelerator, model, ab_opt, total_steps, steps_per_epoch)
+
+    # ---- train
+    progress = tqdm(total=total_steps, initial=record.step, desc=recipe.name,
+                    disable=not accelerator.is_main_process, dynamic_ncols=True,
+                    mininterval=0.1 if sys.stderr.isatty() else 5.0)
+    t0 = time.time()
+    model.train()
+    with logging_redirect_tqdm():  # log lines print above the progress bar, not into it
+        for epoch in range(record.epoch, epochs):
+            record.epoch = epoch
+            train_dl.set_epoch(epoch)  # the shuffle order: a function of (seed, epoch)
+            train_ds.set_epoch(epoch)  # the augmentation: a function of (seed, epoch, index)
+            batches = train_dl
+            if record.batches_in_epoch:  # resuming mid-epoch
+                batches = accelerator.skip_first_batches(train_dl, record.batches_in_epoch)
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    logits = model(pixel_values=batch["pixel_values"]).logits
+                    targets = batch["labels"]
+                    valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
+                    loss = F.cross_entropy(logits.float(), targets, reduction="sum",
+                                           label_smoothing=args.label_smoothing,
+                                           ignore_index=IGNORE_INDEX) / valid
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                record.batches_in_epoch += 1
+                record.losses.append(loss.item())
+                bad_train.add(batch["index"], targets)
+                if not accelerator.sync_gradients:
+                    continue
+                record.after_step(scheduler.get_last_lr()[0], ab_opt.schedule.phase(
+                    record.step) if ab_opt else "dp")
+                scheduler.step()
+                progress.update(1)
+                checkpoint = args.checkpointing_steps and not record.step % args.checkpointing_steps
+                if checkpoint or not record.step % args.log_every or record.step == total_steps:
+                    logged = record.flush()
+                    bad_train.flush(gather_object, accelerator.is_main_process)
+                    if logged:
+                        progress.set_postfix(loss=f"{logged['loss']:.3f}", phase=logged["phase"])
+                if checkpoint:
+                    record.elapsed += time.time() - t0
+                    t0 = time.time()
+                    accelerator.save_state(os.path.join(args.output_dir, "checkpoints",
+                                                        f"step_{record.step}"))
+                if record.step >= total_steps:
+                    break
+            if record.batches_in_epoch >= len(train_dl):  # the epoch is complete
+                record.batches_in_epoch, record.epoch = 0, epoch + 1
+                if (epoch + 1) % args.eval_every_epochs == 0:
+                    differ = bool(ab_opt and ab_opt.groups_differ)
+                    rec = record.log_eval(evaluate(model, eval_dl, accelerator, len(labels),
+                                                   bad_eval), phase=report.phase_of(ab_opt),
+                                          groups_differ=differ)
+                    logger.info("epoch %d (step %d, %s phase): top-1 %.4f%s", epoch + 1,
+                                record.step, rec["phase"], rec["top1"],
+                                " (the groups differ: each rank evaluates its group's model "
+                                "on its shard)" if differ else "")
+            if record.step >= total_steps:
+                break
+    progress.close()
+    record.elapsed += time.time() - t0
+
+    # ---- the end: one model on every rank, merged export, final evaluation, summary
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    final_sync = "in sync"
+    if ab_opt is not None and ab_opt.finalize():
+        final_sync = f"final sync ({ab_opt.config.sync_mode}): the run stopped mid-AB-phase"
+    at_end = None
+    if ab_opt is not None:  # before the merge: the AB layers as they are
+        from ab_accel import compression
+        from ab_accel.model import ab_layers
+
+        at_end = {"ranks": {name: layer.rank for name, layer in ab_layers(unwrapped)},
+                  "compression": compression(unwrapped)}
+    export = report.export_merged(unwrapped, eval_ds, args, accelerator)
+    final = evaluate(unwrapped, eval_dl, accelerator, len(labels), bad_eval)
+    record.log_eval(final, phase=report.phase_of(ab_opt), final=True)
+    traffic = ({"measured_by": "ab_accel's traffic meter", **ab_opt.traffic.summary()} if ab_opt
+               else ddp_traffic.summary() if ddp_traffic else
+               {"bytes": 0, "wire_bytes": 0.0, "measured_by": "single process: none"})
+    per_rank = gather_object([traffic])
+    summary: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        summary = report.summarize(
+            recipe=recipe.name, args=args, ab_opt=ab_opt, record=record, per_rank=per_rank,
+            final=final, classes=len(labels), export={**export, "final_sync": final_sync},
+            at_end=at_end, data=data_desc, wall_time_s=time.time() - started,
+            skipped={"train": len(bad_train.seen), "eval": final["skipped"]})
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def main(recipe: Recipe, argv: Sequence[str]) -> None:
+    """The command line: a bad knob is one line on stderr and exit status 2, no traceback."""
+    try:
+        train(recipe, argv)
+    except (ConfigError, ABConfigError) as exc:
+        print(f"{recipe.name}.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        dist = sys.modules.get("torch.distributed")  # gloo aborts at interpreter exit otherwise
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
