@@ -113,6 +113,10 @@ class TrainArgs(DataArgs):
     config: str | None = knob(None, "The config file this run read (set by --config).")
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # plain int / float, not jsonargparse's PositiveInt...
+            value = getattr(self, f.name)  # (they would end up pickled in the optimizer state)
+            if type(value) not in (int, float, bool) and isinstance(value, (int, float)):
+                setattr(self, f.name, (int if isinstance(value, int) else float)(value))
         for ok, what in [
                 (not (self.data_dir and self.dataset_name), "give data_dir or dataset_name, "
                  "not both"),
