@@ -50,40 +50,23 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
 from torch import nn
 
-from .checkpoint import META, load_checkpoint, save_checkpoint
-from .config import ABConfig, ABConfigError
-from .model import ab_layers, convert
+from . import support
+from .checkpoint import META, SHARDS_DIR, load_checkpoint, save_checkpoint
+from .config import ABConfig, resolve_config
+from .ddp import hand_reduction_to_ab, ignore_factorized_weights
+from .model import ab_layers, convert, why_nothing_to_factorize
 from .optimizer import ABOptimizer
 
 #: Sub-folder of an ``accelerator.save_state`` folder that holds the per-group AB shards.
-CHECKPOINT_DIR = "ab_training"
+CHECKPOINT_DIR = SHARDS_DIR
 
 _DDP_TYPES = {
     "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
     "MULTI_XPU", "MULTI_HPU", "MULTI_NEURON",
 }
 
-_USE_DDP = ("Use plain data parallel instead (`accelerate launch --multi_gpu "
-            "--num_processes N`, which wraps the model in DDP; ab_accel takes the gradient "
-            "reduction over from DDP)")
-
-_REFUSED = {
-    "FSDP": (
-        "AB-training cannot run under FSDP: FSDP shards every parameter over the whole world, "
-        "while AB-training trains different, shape-changing factors in different groups. "
-        + _USE_DDP + ", or DeepSpeed ZeRO stage 0 through ab_accel.deepspeed."
-    ),
-    "MEGATRON_LM": (
-        "AB-training cannot run under Megatron-LM: its tensor/pipeline parallel layers are not "
-        "nn.Linear layers ab_accel can factorize, and it owns the gradient reduction. "
-        + _USE_DDP + "."
-    ),
-    "XLA": (
-        "AB-training does not support XLA/TPU: its reductions go through torch.distributed "
-        "process groups built per A-group and B-group, which XLA does not run. Train on GPUs "
-        "or CPUs with `accelerate launch --multi_gpu`."
-    ),
-}
+#: Accelerate's distributed types that AB-training refuses, and their entry in the table.
+_REFUSED_TYPES = {"FSDP": "fsdp", "MEGATRON_LM": "megatron", "XLA": "xla"}
 
 
 # ---------------------------------------------------------------------------------- public
@@ -161,14 +144,11 @@ def prepare(accelerator: Any, *objects: Any, config: ABConfig | dict | None = No
 
     convert(model, cfg)
     if not any(True for _ in ab_layers(model)):
-        raise ValueError(
-            "ab_accel.convert found no layer to factorize in the model (the first and the last "
-            "nn.Linear / nn.Conv2d / Conv1D stay dense by default). Set target_modules, or "
-            "train this model with accelerator.prepare."
-        )
+        raise ValueError(f"ab_accel.convert found no layer to factorize: "
+                         f"{why_nothing_to_factorize(model)}")
     is_ddp = accelerator.distributed_type.value in _DDP_TYPES
     if is_ddp:
-        _ddp_ignore_factorized_weights(model)
+        ignore_factorized_weights(model)
 
     to_prepare = list(objects)
     # DeepSpeed's engine must call ABOptimizer.step(); under DDP (or one process) Accelerate
@@ -192,7 +172,7 @@ def prepare(accelerator: Any, *objects: Any, config: ABConfig | dict | None = No
         _add_ab_view(prepared_opt)
         return result
     if isinstance(prepared_model, nn.parallel.DistributedDataParallel):
-        _keep_ddp_out_of_the_way(prepared_model)
+        hand_reduction_to_ab(prepared_model)
     prepared_opt.optimizer = ab
     ab.bind(prepared_model)
     _add_ab_view(prepared_opt)
@@ -203,11 +183,8 @@ def prepare(accelerator: Any, *objects: Any, config: ABConfig | dict | None = No
 # ---------------------------------------------------------------------------------- checks
 def _find_optimizer_and_model(objects: tuple[Any, ...]) -> tuple[int, int]:
     if any(type(obj).__name__ == "DummyOptim" for obj in objects):
-        raise NotImplementedError(
-            "ab_accel.prepare needs the optimizer as a torch optimizer it can wrap, not "
-            "accelerate's DummyOptim (an \"optimizer\" block of the DeepSpeed config). Remove "
-            "that block and build the optimizer in Python, e.g. torch.optim.AdamW(...)."
-        )
+        support.refuse(support.problem("dummy_optim", frontend=support.ACCELERATE),
+                       "through ab_accel.prepare")
     optimizers = [i for i, obj in enumerate(objects) if isinstance(obj, torch.optim.Optimizer)]
     if len(optimizers) != 1:
         raise ValueError(
@@ -248,81 +225,51 @@ def _find_optimizer_and_model(objects: tuple[Any, ...]) -> tuple[int, int]:
 
 
 def _resolve_config(accelerator: Any, opt: Any, config: ABConfig | dict | None) -> ABConfig:
-    if config is not None:
-        cfg = ABConfig.from_dict(config)
-        if isinstance(opt, ABOptimizer) and opt.config.to_dict() != cfg.to_dict():
-            raise ABConfigError(
-                "config= differs from the config of the ABOptimizer passed to ab_accel.prepare. "
-                "Pass only one of them."
-            )
-        return cfg
-    if isinstance(opt, ABOptimizer):
-        return opt.config
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None:
-        from_ds = ABConfig.from_deepspeed_config(plugin.deepspeed_config)
-        if from_ds is not None:
-            return from_ds
-    return ABConfig()
+    return resolve_config(
+        config, optimizer_config=opt.config if isinstance(opt, ABOptimizer) else None,
+        deepspeed=plugin.deepspeed_config if plugin is not None else None,
+        fallback=ABConfig()).config
 
 
 def _check_supported(accelerator: Any) -> tuple[Any, Any] | None:
-    """Refuse what AB-training cannot run. Returns DeepSpeed's (check_config, attach)."""
+    """Refuse what AB-training cannot run (the table in :mod:`ab_accel.support`). Returns
+    DeepSpeed's (check_config, attach) under DeepSpeed, else None."""
     kind = accelerator.distributed_type
     name = kind.value if isinstance(kind, DistributedType) else str(kind)
-    if name in _REFUSED:
-        raise NotImplementedError(_REFUSED[name])
+    where, acc = "under Accelerate", support.ACCELERATE
+    if name in _REFUSED_TYPES:
+        support.refuse(support.problem(_REFUSED_TYPES[name], frontend=acc), where)
     parallel = getattr(accelerator, "parallelism_config", None)
     if parallel is not None and (getattr(parallel, "tp_enabled", False)
                                  or getattr(parallel, "cp_enabled", False)):
-        raise NotImplementedError(
-            "AB-training runs on pure data parallelism; tensor and context parallelism "
-            "(parallelism_config tp_size/cp_size > 1) split the very weights it factorizes. "
-            "Leave parallelism_config unset (or dp sizes only)."
-        )
+        support.refuse(support.problem("model_parallel", "parallelism_config tp_size/cp_size > 1",
+                                       acc), where)
     fp8 = str(getattr(getattr(accelerator, "fp8_backend", None), "value",
                       getattr(accelerator, "fp8_backend", "NO")))
     if accelerator.mixed_precision == "fp8" or fp8 not in ("NO", "None"):
-        raise NotImplementedError(
-            "AB-training does not support fp8 training: the fp8 backends replace nn.Linear by "
-            "their own layers. Use mixed_precision='bf16'."
-        )
+        support.refuse(support.problem("fp8", f"mixed_precision='fp8' (fp8_backend {fp8})", acc),
+                       where)
     dynamo = getattr(getattr(accelerator.state, "dynamo_plugin", None), "backend", None)
     if dynamo is not None and str(getattr(dynamo, "value", dynamo)).upper() != "NO":
-        raise NotImplementedError(
-            "torch.compile through Accelerate (dynamo_backend) is not supported with "
-            "AB-training: every phase switch replaces the AB layers' parameters (W by A and B "
-            "and back), which invalidates the compiled graph. Set dynamo_backend='no'."
-        )
+        support.refuse(support.problem("compile", "torch.compile through Accelerate "
+                                       "(dynamo_backend)", acc), where)
     if name == "DEEPSPEED":
         return _deepspeed_hooks()
     if name != "NO" and name not in _DDP_TYPES:
-        raise NotImplementedError(
-            f"AB-training has not been made to run under distributed type {name}. "
-            + _USE_DDP + "."
-        )
-    if accelerator.mixed_precision == "fp16":
-        raise NotImplementedError(
-            "mixed_precision='fp16' is not supported with AB-training: the loss scaler decides "
-            "to skip a step on each rank's own gradients, and in an AB phase the groups would "
-            "skip different steps and fall out of their common schedule. Use "
-            "mixed_precision='bf16' (no loss scaling) or 'no'."
-        )
+        raise support.UnsupportedSetupError(
+            f"AB-training has not been made to run under distributed type {name}. Use plain "
+            "data parallel (`accelerate launch --multi_gpu --num_processes N`).")
+    support.check_mixed_precision(accelerator.mixed_precision, acc)
     handler = getattr(accelerator, "ddp_handler", None)
     if handler is not None:
         hook = str(getattr(handler.comm_hook, "value", handler.comm_hook)).lower()
         if hook != "no":
-            raise NotImplementedError(
-                f"DistributedDataParallelKwargs(comm_hook={hook!r}) would never run: "
-                f"AB-training does the gradient reduction itself, keeping DDP's reducer off. "
-                f"Remove comm_hook (AB phases already cut traffic)."
-            )
+            support.refuse(support.problem(
+                "ddp_comm_hook", f"DistributedDataParallelKwargs(comm_hook={hook!r})", acc), where)
         if handler.static_graph:
-            raise NotImplementedError(
-                "DistributedDataParallelKwargs(static_graph=True) is not supported with "
-                "AB-training: the set of trained parameters changes at every phase switch. "
-                "Remove static_graph."
-            )
+            support.refuse(support.problem(
+                "ddp_static_graph", "DistributedDataParallelKwargs(static_graph=True)", acc), where)
     return None
 
 
@@ -344,39 +291,6 @@ def _deepspeed_hooks() -> tuple[Any, Any]:
             "plain data parallel (`accelerate launch --multi_gpu`) meanwhile."
         )
     return check, attach
-
-
-# ---------------------------------------------------------------------------------- DDP
-def _ddp_ignore_factorized_weights(model: nn.Module) -> None:
-    """Keep the AB layers' weights out of DDP's reducer.
-
-    DDP's reducer holds a reference to every parameter it manages and allocates gradient
-    buckets for them; it never reduces here (AB-training does), so managing the weights
-    would only keep W alive after a factorization released it and double its gradient
-    memory. Dense parameters (biases, norms, layers left dense) stay with DDP, which needs at
-    least one. Uses DDP's ``_set_params_and_buffers_to_ignore_for_model``.
-    """
-    names = [f"{layer_name}.{pname}" for layer_name, layer in ab_layers(model)
-             for pname, _ in layer.named_parameters(recurse=False) if pname != "bias"]
-    ignored = set(names) | set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
-    if not any(p.requires_grad for n, p in model.named_parameters() if n not in ignored):
-        return  # DDP refuses a module without a parameter of its own: leave it all of them
-    setter = getattr(nn.parallel.DistributedDataParallel,
-                     "_set_params_and_buffers_to_ignore_for_model", None)
-    if setter is not None:
-        setter(model, sorted(ignored))
-
-
-def _keep_ddp_out_of_the_way(ddp: nn.parallel.DistributedDataParallel) -> None:
-    """No gradient all-reduce and no buffer broadcast from DDP, for good.
-
-    ``require_backward_grad_sync = False`` is what ``ddp.no_sync()`` sets (and restores to
-    the previous value, so ``accelerator.accumulate`` keeps it off); with it off DDP also
-    never sets ``require_forward_param_sync``, the switch of its buffer broadcast.
-    """
-    ddp.require_backward_grad_sync = False
-    ddp.require_forward_param_sync = False
-    ddp.broadcast_buffers = False
 
 
 # ---------------------------------------------------------------------------------- optimizer
@@ -431,7 +345,11 @@ _VIEW_CLASSES: dict[type, type] = {}
 
 def _add_ab_view(prepared_opt: Any) -> None:
     """Give the prepared optimizer the AB attributes, keeping its identity (Accelerate's
-    ``_optimizers`` list and the LR scheduler wrappers refer to this very object)."""
+    ``_optimizers`` list and the LR scheduler wrappers refer to this very object).
+
+    A patch of this one object's class (a subclass that adds read-only properties): Accelerate
+    has no extension point for its optimizer wrapper, and a new wrapper object would not be
+    the one its scheduler and ``save_state`` hold."""
     cls = type(prepared_opt)
     if issubclass(cls, ABOptimizerView):
         return
@@ -473,7 +391,11 @@ def _register(accelerator: Any, model: nn.Module, prepared_opt: Any, ab: ABOptim
 
 
 def _wrap_clipping(accelerator: Any) -> None:
-    """Make this accelerator's clip_grad_norm_ / clip_grad_value_ clip REDUCED gradients."""
+    """Make this accelerator's clip_grad_norm_ / clip_grad_value_ clip REDUCED gradients.
+
+    A patch, on this accelerator only: Accelerate clips whatever gradients the parameters hold,
+    and it has no hook before clipping, while the AB reduction runs in the optimizer (under DDP
+    the gradients are reduced by the end of backward, which is what its users expect)."""
     if accelerator.__dict__.get("_ab_clip_wrapped"):
         return
     accelerator.__dict__["_ab_clip_wrapped"] = True

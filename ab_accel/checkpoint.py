@@ -24,6 +24,9 @@ from torch import nn
 from .optimizer import ABOptimizer
 
 META = "ab_meta.json"
+#: The sub-folder of a framework's checkpoint (``accelerator.save_state``, a DeepSpeed tag, a
+#: Trainer ``checkpoint-N``) that holds the per-group shards.
+SHARDS_DIR = "ab_training"
 
 
 def shard_name(group_index: int) -> str:

@@ -21,11 +21,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .vocab import TrafficLabel
+
 #: Coalesce tensors into flat buffers of at most this many bytes per collective (like DDP's
 #: 25 MiB buckets): few calls, bounded extra memory.
 BUCKET_BYTES = 32 * 1024 * 1024
 
-PHASES = ("setup", "warmup", "ab", "sync", "rebound")
+#: The meter's labels, in the order summaries list them.
+PHASES: tuple[TrafficLabel, ...] = tuple(TrafficLabel)
 
 
 def wire_factor(op: str, group_size: int) -> float:
@@ -62,7 +65,7 @@ class TrafficMeter:
     def record(self, op: str, nbytes: int, group_ranks: Sequence[int], phase: str) -> None:
         if phase not in PHASES:
             raise ValueError(f"unknown phase label {phase!r}")
-        key = (phase, op, tuple(group_ranks))
+        key = (str(phase), op, tuple(group_ranks))  # plain strings: checkpoints load anywhere
         rec = self._records[key]
         rec[0] += 1
         rec[1] += int(nbytes)
@@ -71,7 +74,7 @@ class TrafficMeter:
     def record_step(self, phase: str, dp_bytes: int, world_size: int) -> None:
         """One optimizer step ran in ``phase``; DDP would have all-reduced ``dp_bytes``."""
         self.steps += 1
-        self.steps_by_phase[phase] += 1
+        self.steps_by_phase[str(phase)] += 1
         self.dp_equivalent_bytes += int(dp_bytes) if world_size > 1 else 0
         self.dp_equivalent_wire_bytes += dp_bytes * wire_factor("all_reduce", world_size)
 
@@ -97,8 +100,8 @@ class TrafficMeter:
         return float(sum(rec[2] for rec in self._records.values()))
 
     def summary(self) -> dict[str, Any]:
-        by_phase: dict[str, int] = {p: 0 for p in PHASES}
-        wire_by_phase: dict[str, float] = {p: 0.0 for p in PHASES}
+        by_phase: dict[str, int] = {str(p): 0 for p in PHASES}
+        wire_by_phase: dict[str, float] = {str(p): 0.0 for p in PHASES}
         calls = 0
         for (p, _, _), (c, b, w) in self._records.items():
             by_phase[p] += int(b)
@@ -144,10 +147,14 @@ class Communicator:
     """The reduce helpers. Holds the meter; every collective of ab_accel is one of these calls.
 
     ``group`` arguments are (process group handle or None for the default group, ranks tuple).
+    ``device`` is where the small tensors it makes itself (ranks, digests, flags) live: the
+    device of the model's parameters, since an NCCL process group reduces CUDA tensors only.
     """
 
-    def __init__(self, meter: TrafficMeter | None = None) -> None:
+    def __init__(self, meter: TrafficMeter | None = None,
+                 device: torch.device | str = "cpu") -> None:
         self.meter = meter if meter is not None else TrafficMeter()
+        self.device = torch.device(device)
 
     @staticmethod
     def active() -> bool:
@@ -214,10 +221,26 @@ class Communicator:
                 t.copy_(flat[offset:offset + t.numel()].view_as(t))
                 offset += t.numel()
 
+    def all_gather(self, tensor: torch.Tensor, group: Any, ranks: Sequence[int], phase: str
+                   ) -> list[torch.Tensor]:
+        """Every rank's ``tensor``, in the order of ``ranks`` (the payload is this rank's)."""
+        if len(ranks) <= 1 or not self.active():
+            return [tensor]
+        self.meter.record("all_gather", tensor.numel() * tensor.element_size(), ranks, phase)
+        out = [torch.empty_like(tensor) for _ in ranks]
+        dist.all_gather(out, tensor, group=group)
+        return out
+
+    def flags_of(self, flag: bool, group: Any, ranks: Sequence[int], phase: str
+                 ) -> list[bool]:
+        """Every rank's boolean ``flag``, in the order of ``ranks`` (one all-gather)."""
+        t = torch.tensor([int(flag)], dtype=torch.int64, device=self.device)
+        return [bool(v.item()) for v in self.all_gather(t, group, ranks, phase)]
+
     def max_int(self, values: Sequence[int], group: Any, ranks: Sequence[int], phase: str
                 ) -> list[int]:
         """Element-wise maximum of an integer vector over ``ranks``."""
-        t = torch.tensor(list(values), dtype=torch.int64)
+        t = torch.tensor(list(values), dtype=torch.int64, device=self.device)
         t = self.all_reduce(t, group, ranks, phase, op=dist.ReduceOp.MAX if self.active()
                             else None)
         return [int(v) for v in t.tolist()]
@@ -227,7 +250,7 @@ class Communicator:
         """True when every rank passed the same ``digest`` vector (one MAX all-reduce)."""
         if len(ranks) <= 1 or not self.active():
             return True
-        d = torch.tensor(list(digest), dtype=torch.float64)
+        d = torch.tensor(list(digest), dtype=torch.float64, device=self.device)
         both = torch.cat([d, -d])
         self.all_reduce(both, group, ranks, phase, op=dist.ReduceOp.MAX)
         n = d.numel()

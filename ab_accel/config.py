@@ -11,12 +11,17 @@ The config round-trips through plain dicts and JSON, and can be read from the to
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
-SYNC_MODES: tuple[str, ...] = ("with-stale", "only-learned", "full", "only-b")
+from .vocab import SyncMode
+
+SYNC_MODES: tuple[str, ...] = tuple(m.value for m in SyncMode)
+#: The top-level key of a DeepSpeed JSON config that holds the AB-training settings.
 DEEPSPEED_KEY = "ab_training"
 
 
@@ -101,6 +106,13 @@ class ABConfig:
         metadata={"help": "At conversion, set every factorized weight's singular values to 1 "
                           "(W <- U V^T), as the paper does when training from scratch."},
     )
+    max_skipped_steps: int = field(
+        default=10,
+        metadata={"help": "A step whose reduced gradients are non-finite (NaN or inf) on any rank "
+                          "is skipped on every rank (parameters and optimizer state untouched) "
+                          "and counted; this many consecutive skips stop training with an error "
+                          "naming the step, the phase and the ranks. 0: stop at the first."},
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -131,6 +143,7 @@ class ABConfig:
         _int("rebound_steps", 0)
         _int("lr_rebound_steps", 0)
         _int("min_rank", 1)
+        _int("max_skipped_steps", 0)
         if self.rebound_steps >= self.sync_every:
             raise ABConfigError(
                 f"ab_training.rebound_steps ({self.rebound_steps}) must be smaller than "
@@ -235,16 +248,7 @@ class ABConfig:
         known = [f.name for f in fields(cls)]
         unknown = [k for k in data if k not in known]
         if unknown:
-            messages = []
-            for key in unknown:
-                hint = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-                messages.append(
-                    f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                )
-            raise ABConfigError(
-                f'Unknown key(s) in "{DEEPSPEED_KEY}": {", ".join(messages)}. '
-                f"Known keys: {', '.join(known)}."
-            )
+            raise ABConfigError(_unknown_keys_message(unknown, known, f'"{DEEPSPEED_KEY}"'))
         return cls(**data)
 
     @classmethod
@@ -283,6 +287,95 @@ class ABConfig:
             default = f.default if f.default is not MISSING else None
             out[f.name] = f"{f.metadata.get('help', '')} (default: {default!r})"
         return out
+
+
+def _refuse_unknown_keywords(cls: type) -> None:
+    """``ABConfig(sync_evry=10)`` gets the did-you-mean of ``from_dict``, not a bare TypeError."""
+    generated = cls.__init__
+
+    @functools.wraps(generated)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        unknown = [k for k in kwargs if k not in cls.__dataclass_fields__]
+        if unknown:
+            raise ABConfigError(_unknown_keys_message(unknown, list(cls.__dataclass_fields__),
+                                                      "ABConfig()"))
+        generated(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+
+
+def _unknown_keys_message(unknown: list[str], known: list[str], where: str) -> str:
+    messages = []
+    for key in unknown:
+        hint = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+        messages.append(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    return f"Unknown key(s) in {where}: {', '.join(messages)}. Known keys: {', '.join(known)}."
+
+
+_refuse_unknown_keywords(ABConfig)
+
+
+class ResolvedConfig(NamedTuple):
+    """The AB config of a run and where it came from (a phrase for the logs)."""
+
+    config: ABConfig | None
+    source: str
+
+
+#: What ``accelerate launch --use_deepspeed --deepspeed_config_file X`` sets in the environment.
+_ACCELERATE_USE_DEEPSPEED = "ACCELERATE_USE_DEEPSPEED"
+_ACCELERATE_DEEPSPEED_FILE = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
+
+
+def resolve_config(config: ABConfig | Mapping[str, Any] | None = None, *,
+                   optimizer_config: ABConfig | None = None,
+                   deepspeed: Mapping[str, Any] | str | os.PathLike | None = None,
+                   environ: Mapping[str, str] | None = None,
+                   fallback: ABConfig | Mapping[str, Any] | None = None) -> ResolvedConfig:
+    """The one rule that decides a run's AB config from the places it can be given.
+
+    Sources, in this order: ``config`` (an explicit ABConfig or dict: ``prepare(config=)``,
+    ``ABTrainer(ab_config=)``), ``optimizer_config`` (the config of an ABOptimizer the user
+    built), the top-level ``"ab_training"`` key of the DeepSpeed config ``deepspeed`` (a dict or
+    a JSON path), and, when ``environ`` is given and ``deepspeed`` is not, the DeepSpeed JSON
+    that ``accelerate launch --use_deepspeed --deepspeed_config_file`` names there. The first
+    source that gives a config is used; every other source that gives one must agree with it,
+    otherwise one :class:`ABConfigError` names both sources and the fields that differ.
+    ``fallback`` is used only when no source gives a config (it never conflicts); without it
+    the result's ``config`` is None.
+    """
+    sources: list[tuple[str, ABConfig]] = []
+    if config is not None:
+        sources.append(("config=", ABConfig.from_dict(dict(config) if isinstance(
+            config, Mapping) else config)))
+    if optimizer_config is not None:
+        sources.append(("the ABOptimizer's config", optimizer_config))
+    if deepspeed is None and environ is not None:
+        use_ds = str(environ.get(_ACCELERATE_USE_DEEPSPEED, "false")).lower() == "true"
+        if use_ds and environ.get(_ACCELERATE_DEEPSPEED_FILE):
+            deepspeed = environ[_ACCELERATE_DEEPSPEED_FILE]
+    if deepspeed is not None:
+        where = (f" {os.fspath(deepspeed)}" if isinstance(deepspeed, (str, os.PathLike))
+                 else "")
+        from_ds = ABConfig.from_deepspeed_config(
+            dict(deepspeed) if isinstance(deepspeed, Mapping) else deepspeed)
+        if from_ds is not None:
+            sources.append((f'the "{DEEPSPEED_KEY}" key of the DeepSpeed JSON{where}', from_ds))
+    if not sources:
+        if fallback is None:
+            return ResolvedConfig(None, "none given")
+        return ResolvedConfig(ABConfig.from_dict(dict(fallback) if isinstance(
+            fallback, Mapping) else fallback), "the fallback")
+    name, chosen = sources[0]
+    for other_name, other in sources[1:]:
+        differ = [k for k, v in chosen.to_dict().items() if other.to_dict()[k] != v]
+        if differ:
+            detail = ", ".join(f"{k}={getattr(chosen, k)!r} vs {getattr(other, k)!r}"
+                               for k in differ)
+            raise ABConfigError(
+                f"The AB-training config is given twice and the two differ ({name} vs "
+                f"{other_name}: {detail}). Keep one of them.")
+    return ResolvedConfig(chosen, name)
 
 
 def load_deepspeed_json(path: str | os.PathLike) -> dict[str, Any]:

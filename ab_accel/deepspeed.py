@@ -48,25 +48,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import META, shard_name
+from . import support
+from .checkpoint import META, SHARDS_DIR, shard_name
 from .checkpoint import load_checkpoint as _load_ab_checkpoint
 from .checkpoint import save_checkpoint as _save_ab_checkpoint
-from .config import DEEPSPEED_KEY, ABConfig, ABConfigError, load_deepspeed_json
+from .config import DEEPSPEED_KEY, ABConfig, ABConfigError, load_deepspeed_json, resolve_config
 from .model import convert
 from .optimizer import ABOptimizer
 
 #: Sub-folder of a DeepSpeed checkpoint tag (or of an HF Trainer checkpoint) with the group shards.
-AB_CHECKPOINT_DIR = "ab_training"
+AB_CHECKPOINT_DIR = SHARDS_DIR
 
-#: Optimizer types of a JSON "optimizer" block that cannot follow re-created parameters: they tag
-#: every parameter at construction (Muon's ``use_muon``, mup's ``infshape``), and the factors A
-#: and B are new parameters at every switch.
-_REFUSED_OPTIMIZERS = {
-    "muon": "Muon tags every parameter with use_muon when the engine is built",
-    "muadam": "mup's MuAdam reads the infshape that mup sets on every parameter at construction",
-    "muadamw": "mup's MuAdamW reads the infshape that mup sets on every parameter at construction",
-    "musgd": "mup's MuSGD reads the infshape that mup sets on every parameter at construction",
-}
+#: Optimizer types of a JSON "optimizer" block that tag every parameter at construction (Muon's
+#: ``use_muon``, mup's ``infshape``): see support.UNSUPPORTED["tagging_optimizer"].
+_TAGGING_OPTIMIZERS = ("muon", "muadam", "muadamw", "musgd")
 
 #: DeepSpeed settings a user may put inside "ab_training" by mistake: where they belong.
 _DEEPSPEED_KEYS = {
@@ -86,9 +81,6 @@ _DEEPSPEED_KEYS = {
     "warmup_max_lr": '"scheduler"."params"', "warmup_min_lr": '"scheduler"."params"',
     "dtype": '"torch_autocast"',
 }
-
-_WORKING_PRECISION = ('"torch_autocast": {"enabled": true, "dtype": "bfloat16"} (bf16 compute, '
-                      'fp32 weights and gradients, no flat buffers)')
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -143,21 +135,25 @@ def check_config(ds_config: Mapping[str, Any] | str | os.PathLike) -> None:
         return
     problems = _incompatible_settings(ds)
     if problems:
-        raise ABConfigError(
-            "This DeepSpeed config cannot run with AB-training (\"ab_training\" is enabled):\n"
-            + "\n".join(f"  - {p}" for p in problems)
-            + f'\nOr set "{DEEPSPEED_KEY}": {{"enabled": false}} to train with plain DeepSpeed.'
-        )
+        support.refuse(problems, f'this DeepSpeed config ("{DEEPSPEED_KEY}" is enabled)',
+                       hint=f'Or set "{DEEPSPEED_KEY}": {{"enabled": false}} to train with plain '
+                            "DeepSpeed.")
 
 
-def _enabled(block: Any) -> bool:
+def _switch(block: Any) -> bool | str:
+    """The "enabled" of a DeepSpeed block: True, False, or "auto" (filled in later by the HF
+    integrations from their own flags, so not known here)."""
     if isinstance(block, Mapping):
         value = block.get("enabled", False)
-        return value is True or (isinstance(value, str) and value.lower() == "true")
+        if isinstance(value, str):
+            return "auto" if value.lower() == "auto" else value.lower() == "true"
+        return value is True
     return False
 
 
 def _incompatible_settings(ds: Mapping[str, Any]) -> list[str]:
+    """One line of support.problem per refused setting of a DeepSpeed config."""
+    ds_ = support.DEEPSPEED
     problems: list[str] = []
     zero = ds.get("zero_optimization") or {}
     stage = zero.get("stage", 0) if isinstance(zero, Mapping) else 0
@@ -166,77 +162,51 @@ def _incompatible_settings(ds: Mapping[str, Any]) -> list[str]:
     except (TypeError, ValueError):
         stage_num = -1
     if stage_num != 0:
-        problems.append(
-            f'"zero_optimization": {{"stage": {stage!r}}}: ZeRO stages >= 1 shard the optimizer '
-            f"state (and with 2/3 the gradients and parameters) over the whole data-parallel "
-            f"world, while in an AB phase the A-groups and B-groups hold different factors whose "
-            f'shapes change at every re-factorization. Use "stage": 0 (AB-training already cuts '
-            f"the gradient traffic; the factors are the memory saving)."
-        )
+        problems.append(support.problem(
+            "zero", f'"zero_optimization": {{"stage": {stage!r}}} (ZeRO stages >= 1 shard)', ds_))
     for key in ("fp16", "bf16", "bfloat16"):
-        if _enabled(ds.get(key)):
-            problems.append(
-                f'"{key}": {{"enabled": true}}: DeepSpeed\'s {key} optimizer flattens the '
-                f"parameters into fixed buffers built once, which cannot follow factors that are "
-                f"re-created with new shapes. Remove it and use {_WORKING_PRECISION}."
-            )
+        enabled = _switch(ds.get(key))
+        if enabled == "auto":
+            problems.append(support.problem(
+                "flat_optimizer", f'"{key}": {{"enabled": "auto"}} (Accelerate or the Trainer '
+                f"may turn DeepSpeed's {key} optimizer on from their own flags: write false)",
+                ds_))
+        elif enabled:
+            problems.append(support.problem(
+                "flat_optimizer", f'"{key}": {{"enabled": true}} (DeepSpeed\'s {key} optimizer)',
+                ds_))
     autocast = ds.get("torch_autocast")
-    if _enabled(autocast):
+    if _switch(autocast):
         dtype = str(autocast.get("dtype", "bfloat16")).lower().replace("torch.", "")
         if dtype in ("float16", "fp16", "half"):
-            problems.append(
-                f'"torch_autocast": {{"dtype": "{autocast.get("dtype")}"}}: float16 autocast '
-                f"runs a loss scaler that skips a step when a gradient overflows; the groups "
-                f"see different gradients, so one group would skip a step that another takes "
-                f'and their schedules would drift apart. Use "dtype": "bfloat16" (no scaler).'
-            )
+            problems.append(support.problem(
+                "fp16", f'"torch_autocast": {{"dtype": "{autocast.get("dtype")}"}} (float16 '
+                f"autocast runs a loss scaler)", ds_))
     optimizer = ds.get("optimizer")
     if isinstance(optimizer, Mapping):
         kind = str(optimizer.get("type", "")).lower()
-        if kind in _REFUSED_OPTIMIZERS:
-            problems.append(
-                f'"optimizer": {{"type": "{optimizer.get("type")}"}}: {_REFUSED_OPTIMIZERS[kind]}, '
-                f"but AB-training re-creates the factors A and B as new parameters at every "
-                f'switch. Use "AdamW" (the paper\'s optimizer), "Adam", "Adagrad" or a torch '
-                f"optimizer, in the JSON or passed as optimizer=."
-            )
+        if kind in _TAGGING_OPTIMIZERS:
+            problems.append(support.problem(
+                "tagging_optimizer", f'"optimizer": {{"type": "{optimizer.get("type")}"}}', ds_))
+    touched = []
     if ds.get("communication_data_type") is not None:
-        problems.append(
-            f'"communication_data_type": {ds["communication_data_type"]!r}: it sets the dtype of '
-            f"DeepSpeed's gradient all-reduce, which AB-training replaces by its group reduction "
-            f"(in the gradients' own dtype). Remove the key."
-        )
+        touched.append(f'"communication_data_type": {ds["communication_data_type"]!r}')
     if ds.get("prescale_gradients") is True:
-        problems.append(
-            '"prescale_gradients": true: it changes DeepSpeed\'s gradient all-reduce, which '
-            "AB-training replaces by its group reduction (a plain mean). Remove the key."
-        )
+        touched.append('"prescale_gradients": true')
     predivide = ds.get("gradient_predivide_factor")
     if predivide is not None and float(predivide) != 1.0:
-        problems.append(
-            f'"gradient_predivide_factor": {predivide!r}: it changes DeepSpeed\'s gradient '
-            f"all-reduce, which AB-training replaces by its group reduction (a plain mean). "
-            f"Remove the key."
-        )
+        touched.append(f'"gradient_predivide_factor": {predivide!r}')
+    problems += [support.problem("deepspeed_allreduce", t, ds_) for t in touched]
     tp = ds.get("tensor_parallel") or {}
     if isinstance(tp, Mapping) and int(tp.get("autotp_size", 0) or 0) > 1:
-        problems.append(
-            f'"tensor_parallel": {{"autotp_size": {tp["autotp_size"]}}}: AB-training runs over '
-            f"a pure data-parallel world (its groups split the data-parallel ranks). Remove "
-            f"tensor parallelism."
-        )
+        problems.append(support.problem(
+            "model_parallel", f'"tensor_parallel": {{"autotp_size": {tp["autotp_size"]}}}', ds_))
     sp = ds.get("sequence_parallel_size")
     if sp is not None and int(sp) > 1:
-        problems.append(
-            f'"sequence_parallel_size": {sp}: AB-training runs over a pure data-parallel world. '
-            f"Remove sequence parallelism."
-        )
+        problems.append(support.problem("model_parallel", f'"sequence_parallel_size": {sp}', ds_))
     compile_cfg = ds.get("compile") or {}
     if isinstance(compile_cfg, Mapping) and compile_cfg.get("deepcompile"):
-        problems.append(
-            '"compile": {"deepcompile": true}: DeepCompile reduces gradients inside the compiled '
-            "graph and skips the engine's all-reduce that AB-training replaces. Remove it."
-        )
+        problems.append(support.problem("compile", '"compile": {"deepcompile": true}', ds_))
     return problems
 
 
@@ -244,40 +214,29 @@ def _incompatible_settings(ds: Mapping[str, Any]) -> list[str]:
 def check_engine(engine: Any) -> None:
     """The runtime twin of :func:`check_config`, for engines built from any config (for example
     by ``accelerate launch --use_deepspeed --zero_stage 2`` without a JSON)."""
+    ds_ = support.DEEPSPEED
     problems: list[str] = []
-    if engine.zero_optimization_stage() != 0:
-        problems.append(
-            f"ZeRO stage {engine.zero_optimization_stage()}: it shards state over the whole "
-            f"data-parallel world while the AB groups hold different, shape-changing factors. "
-            f'Use "zero_optimization": {{"stage": 0}} (accelerate: --zero_stage 0).'
-        )
+    stage = engine.zero_optimization_stage()
+    if stage != 0:
+        problems.append(support.problem("zero", f"ZeRO stage {stage}", support.ACCELERATE))
     if engine.fp16_enabled() or engine.bfloat16_enabled():
         kind = "fp16" if engine.fp16_enabled() else "bf16"
-        problems.append(
-            f"DeepSpeed's {kind} optimizer flattens the parameters into fixed buffers. Remove "
-            f'"{kind}" (accelerate: --mixed_precision no) and use {_WORKING_PRECISION}.'
-        )
+        problems.append(support.problem("flat_optimizer", f"DeepSpeed's {kind} optimizer (remove "
+                                        f'"{kind}"; accelerate: --mixed_precision no)', ds_))
     if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
-        problems.append(
-            'float16 "torch_autocast" runs a loss scaler that skips steps per group. Use '
-            '"dtype": "bfloat16".'
-        )
+        problems.append(support.problem("fp16", 'float16 "torch_autocast"', ds_))
     if getattr(engine, "pipeline_parallelism", False):
-        problems.append("a PipelineModule: AB-training runs over a pure data-parallel world.")
+        problems.append(support.problem("model_parallel", "a PipelineModule", ds_))
     if getattr(engine, "has_moe_layers", False):
-        problems.append("MoE layers: their experts are reduced over expert-parallel groups; "
-                        "AB-training runs over a pure data-parallel world.")
+        problems.append(support.problem("moe", "MoE layers", ds_))
     try:
         deepcompile = engine.is_deepcompile_enabled()
     except AttributeError:
         deepcompile = False
     if deepcompile:
-        problems.append("DeepCompile reduces gradients inside the compiled graph. Remove it.")
+        problems.append(support.problem("compile", "DeepCompile", ds_))
     if problems:
-        raise ABConfigError(
-            "This DeepSpeed engine cannot run with AB-training:\n"
-            + "\n".join(f"  - {p}" for p in problems)
-        )
+        support.refuse(problems, "this DeepSpeed engine")
 
 
 def _ab_allreduce_gradients(self: Any, bucket_size: int | None = None) -> None:
@@ -384,6 +343,9 @@ def attach(engine: Any, ab_optimizer: ABOptimizer) -> ABOptimizer:
     if ab_optimizer.model is None:
         ab_optimizer.bind(engine.module)
     engine.ab_optimizer = ab_optimizer
+    # Patches, on this engine only: DeepSpeed has no public hook for its gradient all-reduce,
+    # its fp32 clipping or its checkpoint files (engine.backward calls allreduce_gradients
+    # directly), and AB-training must replace the first two and extend the last two.
     engine.allreduce_gradients = types.MethodType(_ab_allreduce_gradients, engine)
     engine.clip_fp32_gradients = types.MethodType(_ab_clip_fp32_gradients, engine)
     engine._ab_original_save_checkpoint = engine.save_checkpoint
@@ -418,7 +380,7 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
 
     ds = load_ds_config(config, args=args, config_params=config_params)
     check_config(ds)
-    cfg = ABConfig.from_deepspeed_config(ds)
+    cfg = resolve_config(deepspeed=ds).config
     ds_kwargs = dict(kwargs, training_data=training_data, lr_scheduler=lr_scheduler,
                      model_parameters=model_parameters)
     if args is not None and (getattr(args, "deepspeed_config", None) is not None
@@ -436,12 +398,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
         raise ValueError("ab_accel.deepspeed.initialize needs model= to convert it to AB layers.")
     ab: ABOptimizer | None = None
     if isinstance(optimizer, ABOptimizer):
-        if ABConfig.from_dict(ds[DEEPSPEED_KEY]) != optimizer.config:
-            raise ABConfigError(
-                f'The ABOptimizer passed as optimizer= has a config that differs from the '
-                f'"{DEEPSPEED_KEY}" key of the DeepSpeed JSON: keep one of the two (pass a plain '
-                f"torch optimizer, and the key builds the ABOptimizer)."
-            )
+        # Both must agree (one error names the fields that differ otherwise).
+        resolve_config(optimizer_config=optimizer.config, deepspeed=ds)
         if optimizer.model is not None:
             raise ValueError("Pass an unbound ABOptimizer (model=None): the engine binds it.")
         ab, optimizer = optimizer, optimizer.optimizer

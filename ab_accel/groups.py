@@ -17,6 +17,7 @@ from typing import Any
 import torch.distributed as dist
 
 from .config import ABConfig
+from .vocab import Role, SyncMode
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class GroupPlan:
     world_size: int
     group_size: int
     groups: tuple[tuple[int, ...], ...]
-    roles: tuple[str, ...]  # one per group: "A", "B" or "AB"
+    roles: tuple[Role, ...]  # one per group
 
     @property
     def num_groups(self) -> int:
@@ -35,10 +36,10 @@ class GroupPlan:
     def group_index(self, rank: int) -> int:
         return rank // self.group_size
 
-    def role_of(self, rank: int) -> str:
+    def role_of(self, rank: int) -> Role:
         return self.roles[self.group_index(rank)]
 
-    def ranks_with_role(self, role: str) -> tuple[int, ...]:
+    def ranks_with_role(self, role: Role | str) -> tuple[int, ...]:
         return tuple(r for g, ranks in enumerate(self.groups) if self.roles[g] == role
                      for r in ranks)
 
@@ -48,12 +49,12 @@ def plan_groups(world_size: int, config: ABConfig) -> GroupPlan:
     size = config.resolve_group_size(world_size)
     num = world_size // size
     groups = tuple(tuple(range(g * size, (g + 1) * size)) for g in range(num))
-    if world_size == 1 and config.sync_mode != "only-b":
-        roles: tuple[str, ...] = ("AB",)
-    elif config.sync_mode == "only-b":
-        roles = ("B",) * num
+    if world_size == 1 and config.sync_mode != SyncMode.ONLY_B:
+        roles: tuple[Role, ...] = (Role.AB,)
+    elif config.sync_mode == SyncMode.ONLY_B:
+        roles = (Role.B,) * num
     else:
-        roles = tuple("A" if g < num // 2 else "B" for g in range(num))
+        roles = tuple(Role.A if g < num // 2 else Role.B for g in range(num))
     return GroupPlan(world_size, size, groups, roles)
 
 
@@ -72,7 +73,7 @@ class ABGroups:
     _all_groups: list[Any] = field(default_factory=list, repr=False)
 
     @property
-    def role(self) -> str:
+    def role(self) -> Role:
         return self.plan.role_of(self.rank)
 
     @property

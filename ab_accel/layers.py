@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FULL = "full"
-AB = "ab"
+from .vocab import LayerMode, Role
 
 
 def break_even_rank(out_dim: int, in_dim: int) -> int:
@@ -80,7 +79,7 @@ class ABLayer(nn.Module):
         self.out_dim = out_dim
         self.in_dim = in_dim
         self.weight_shape = tuple(weight.shape)
-        self.mode = FULL
+        self.mode = LayerMode.FULL
         self.rank: int | None = None
         #: Bumped on every change of structure, so an optimizer can tell its params are stale.
         self.structure_version = 0
@@ -114,28 +113,28 @@ class ABLayer(nn.Module):
 
     @property
     def numel_now(self) -> int:
-        if self.mode == AB:
+        if self.mode == LayerMode.AB:
             return self.A.numel() + self.B.numel()
         return self.weight.numel()
 
     @property
     def param_dtype(self) -> torch.dtype:
-        return (self._parameters["A"] if self.mode == AB else self._parameters["weight"]).dtype
+        return self.factor_params()[0].dtype
 
     @property
     def param_device(self) -> torch.device:
-        return (self._parameters["A"] if self.mode == AB else self._parameters["weight"]).device
+        return self.factor_params()[0].device
 
     def matrix(self) -> torch.Tensor:
         """The current W as an out x in matrix (A B in AB mode), without autograd."""
         with torch.no_grad():
-            if self.mode == AB:
+            if self.mode == LayerMode.AB:
                 return self.A @ self.B
             return self._weight_to_matrix(self.weight)
 
     def factor_params(self) -> list[nn.Parameter]:
         """The parameters that represent W now: [weight] or [A, B]."""
-        if self.mode == AB:
+        if self.mode == LayerMode.AB:
             return [self.A, self.B]
         return [self.weight]
 
@@ -159,19 +158,19 @@ class ABLayer(nn.Module):
         self._release()
         self.A = nn.Parameter(a.to(device))
         self.B = nn.Parameter(b.to(device))
-        self.mode = AB
+        self.mode = LayerMode.AB
         self.rank = rank
         self._finish()
 
     @torch.no_grad()
     def to_full(self) -> None:
         """(A, B) -> W = A B; releases the factors."""
-        if self.mode == FULL:
+        if self.mode == LayerMode.FULL:
             return
         weight = self._matrix_to_weight(self.A @ self.B).contiguous()
         self._release()
         self.weight = nn.Parameter(weight)
-        self.mode = FULL
+        self.mode = LayerMode.FULL
         self.rank = None
         self._finish()
 
@@ -182,7 +181,7 @@ class ABLayer(nn.Module):
         self._release()
         self.A = nn.Parameter(a.to(device=device, dtype=dtype).contiguous())
         self.B = nn.Parameter(b.to(device=device, dtype=dtype).contiguous())
-        self.mode = AB
+        self.mode = LayerMode.AB
         self.rank = a.shape[1]
         self._finish()
 
@@ -191,18 +190,18 @@ class ABLayer(nn.Module):
         """Set every singular value of W to 1: W <- U V^T (the paper's init from scratch)."""
         u, _, vh = _svd(self.matrix())
         matrix = (u @ vh).to(self.param_dtype)
-        if self.mode == AB:
+        if self.mode == LayerMode.AB:
             a, b = svd_split(matrix, self.rank)
             self.A.copy_(a)
             self.B.copy_(b)
         else:
             self.weight.copy_(self._matrix_to_weight(matrix))
 
-    def set_role(self, role: str | None) -> None:
+    def set_role(self, role: Role | str | None) -> None:
         """Which factor trains: "A", "B", "AB" (both) or None (full mode: the weight)."""
-        if self.mode == AB:
-            self.A.requires_grad_(role in ("A", "AB"))
-            self.B.requires_grad_(role in ("B", "AB"))
+        if self.mode == LayerMode.AB:
+            self.A.requires_grad_(role in (Role.A, Role.AB))
+            self.B.requires_grad_(role in (Role.B, Role.AB))
         else:
             self.weight.requires_grad_(True)
 
@@ -226,7 +225,7 @@ class ABLayer(nn.Module):
         return r * (m + n) * positions <= m * n * positions + m * r * n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == AB:
+        if self.mode == LayerMode.AB:
             if self.use_factored(self._positions(x)):
                 return self._factored_forward(x)
             return self._dense_forward(x, self._matrix_to_weight(self.A @ self.B))
@@ -248,30 +247,30 @@ class ABLayer(nn.Module):
                               unexpected_keys, error_msgs):
         # A checkpoint taken in the other mode restructures the layer first, so that
         # load_state_dict works across phases (the optimizer picks the new params up).
-        if f"{prefix}A" in state_dict and self.mode == FULL:
+        if f"{prefix}A" in state_dict and self.mode == LayerMode.FULL:
             a, b = state_dict[f"{prefix}A"], state_dict[f"{prefix}B"]
             dtype, device = self.param_dtype, self.param_device
             self._release()
             self.A = nn.Parameter(torch.empty(a.shape, dtype=dtype, device=device))
             self.B = nn.Parameter(torch.empty(b.shape, dtype=dtype, device=device))
-            self.mode, self.rank = AB, a.shape[1]
+            self.mode, self.rank = LayerMode.AB, a.shape[1]
             self._finish()
         elif f"{prefix}A" in state_dict and tuple(state_dict[f"{prefix}A"].shape) != tuple(
                 self.A.shape):
             a, b = state_dict[f"{prefix}A"], state_dict[f"{prefix}B"]
             self.set_factors(torch.empty(a.shape), torch.empty(b.shape))
-        elif f"{prefix}weight" in state_dict and self.mode == AB:
+        elif f"{prefix}weight" in state_dict and self.mode == LayerMode.AB:
             dtype, device = self.param_dtype, self.param_device
             self._release()
             self.weight = nn.Parameter(torch.empty(self.weight_shape, dtype=dtype,
                                                    device=device))
-            self.mode, self.rank = FULL, None
+            self.mode, self.rank = LayerMode.FULL, None
             self._finish()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        rank = f", rank={self.rank}" if self.mode == AB else ""
+        rank = f", rank={self.rank}" if self.mode == LayerMode.AB else ""
         return (f"out={self.out_dim}, in={self.in_dim}, mode={self.mode}{rank}, "
                 f"bias={self.bias is not None}")
 

@@ -5,17 +5,24 @@ model's module names, so any architecture works. By default the first and the la
 layer in registration order (the stem or patch embedding, and the classifier head) stay dense,
 as do every 1-D parameter, embeddings, and grouped or depthwise convs. ``target_modules`` and
 ``exclude_modules`` (peft-style name patterns) override the default selection.
+
+A weight shared with another parameter (tied input/output embeddings, such as BERT's MLM decoder
+or GPT-2's ``lm_head``) or a module registered under two names is never factorized, whatever
+``target_modules`` says: factorizing it would release a weight that another module still uses,
+which then silently stops training. Naming such a layer explicitly is an error that names the
+tie.
 """
 
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
 
-from .config import ABConfig
+from .config import ABConfig, ABConfigError
 from .layers import ABLayer, is_factorizable, wrap
 
 
@@ -27,18 +34,92 @@ def _matches(name: str, pattern: list[str] | str) -> bool:
 
 
 def select_layers(model: nn.Module, config: ABConfig) -> list[str]:
-    """Names of the modules :func:`convert` would factorize, in registration order."""
+    """Names of the modules :func:`convert` would factorize, in registration order.
+
+    Raises :class:`ABConfigError` for a ``target_modules`` that is not a valid regex, that
+    matches no factorizable layer, or that names a layer whose weight is shared (see the module
+    docstring)."""
     candidates = [name for name, m in model.named_modules()
                   if name and is_factorizable(m) and not _inside_attention(model, name)]
-    if config.target_modules is None:
+    targets = config.target_modules
+    ties = shared_weights(model)
+    if targets is None:
         chosen = candidates[1:-1]
-    elif config.target_modules == "all":
+    elif targets == "all":
         chosen = list(candidates)
     else:
-        chosen = [n for n in candidates if _matches(n, config.target_modules)]
+        chosen = [n for n in candidates if _matches(n, _pattern(targets, "target_modules"))]
+        if not chosen:
+            raise ABConfigError(
+                f"ab_training.target_modules={targets!r} matches none of the model's "
+                f"{len(candidates)} factorizable layers (nn.Linear, nn.Conv2d, Conv1D), e.g. "
+                f"{', '.join(candidates[:4]) or 'none'}. A list holds name suffixes "
+                f"(['q_proj', 'fc1']); a string is a regex matched against the whole name.")
+        tied = [n for n in chosen if n in ties]
+        if tied:
+            raise ABConfigError(
+                f"ab_training.target_modules names {', '.join(tied)}, whose weight is shared "
+                f"with {', '.join(ties[tied[0]])} (tied weights, or one module registered twice). "
+                f"Factorizing it would release a weight the other user still holds, which would "
+                f"then stop training. Remove it from target_modules: shared weights stay dense.")
     if config.exclude_modules is not None:
-        chosen = [n for n in chosen if not _matches(n, config.exclude_modules)]
-    return chosen
+        exclude = _pattern(config.exclude_modules, "exclude_modules")
+        chosen = [n for n in chosen if not _matches(n, exclude)]
+    return [n for n in chosen if n not in ties]
+
+
+def why_nothing_to_factorize(model: nn.Module) -> str:
+    """What to do when a model holds no AB layer (for the errors of the optimizer and prepare)."""
+    candidates = [name for name, m in model.named_modules()
+                  if name and is_factorizable(m) and not _inside_attention(model, name)]
+    if not candidates:
+        return ("the model has no nn.Linear, nn.Conv2d (groups=1) or transformers Conv1D layer "
+                "to factorize: train it without AB-training.")
+    if len(candidates) <= 2:
+        return (f"its only factorizable layers, {' and '.join(candidates)}, are the first and "
+                f"the last one, which convert() keeps dense by default (stem and head). "
+                f"Set target_modules='all' (or name them) to factorize them.")
+    return ("call ab_accel.convert(model, config) before building the ABOptimizer (and before "
+            "accelerator.prepare), or check that target_modules matches some layers.")
+
+
+def shared_weights(model: nn.Module) -> dict[str, list[str]]:
+    """Factorizable modules whose weight has another user: name -> the other names.
+
+    A weight is shared when the same parameter appears under two names (tied embeddings) or
+    the same module object is registered under two names.
+    """
+    users: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        users[id(param)].append(name.rpartition(".")[0] if name.endswith(".weight") else name)
+    owners: dict[int, list[str]] = defaultdict(list)
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            owners[id(module)].append(name)
+    out: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if not name or not is_factorizable(module):
+            continue
+        weight = module._parameters.get("weight")
+        others = [n for n in owners[id(module)] if n != name]
+        if weight is not None:
+            others += [n for n in users[id(weight)] if n != name and n not in owners[id(module)]]
+        if others:
+            out[name] = others
+    return out
+
+
+def _pattern(value: list[str] | str, field: str) -> list[str] | str:
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ABConfigError(
+                f"ab_training.{field}={value!r} is not a valid regular expression ({exc}). A "
+                f"string is a regex matched against the whole module name (e.g. "
+                f"'.*\\.(q|v)_proj'); give a list for name suffixes (['q_proj', 'v_proj'])."
+            ) from None
+    return value
 
 
 def _inside_attention(model: nn.Module, name: str) -> bool:

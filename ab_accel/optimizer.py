@@ -26,10 +26,12 @@ Clip gradients AFTER they are reduced: call :meth:`ABOptimizer.synchronize` (or 
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -39,11 +41,47 @@ from torch import nn
 from .comm import Communicator, TrafficMeter
 from .config import ABConfig
 from .groups import ABGroups, build_groups
-from .layers import AB, FULL, ABLayer
-from .model import ab_layers
-from .schedule import FACTORIZE, SYNC, ABSchedule
+from .layers import ABLayer
+from .model import ab_layers, compression, why_nothing_to_factorize
+from .schedule import ABSchedule
+from .vocab import Event, LayerMode, Phase, Role, SyncMode, TrafficLabel
 
 _SKIP_STATE_KEYS = ("step",)
+
+logger = logging.getLogger("ab_accel")
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on non-finite values; the message names the step, phase and ranks."""
+
+
+@dataclass(frozen=True)
+class Switch:
+    """One phase switch the optimizer ran (``ABOptimizer.switches`` lists them in order).
+
+    ``step`` is the boundary: the number of optimizer steps taken when it ran (it runs at the
+    end of step ``step - 1``, so step ``step`` is the first to see the new structure).
+    ``final`` marks the end-of-training sync of :meth:`ABOptimizer.finalize`. A factorization
+    also records the agreed ``ranks`` and the model's ``compression`` right after it (the
+    numbers of :func:`ab_accel.compression` without the per-layer table).
+    """
+
+    event: Event
+    step: int
+    seconds: float
+    final: bool = False
+    ranks: dict[str, int] | None = None
+    compression: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types only (the event as its string)."""
+        out = asdict(self)
+        out["event"] = str(self.event)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Switch:
+        return cls(**{**data, "event": Event(data["event"])})
 
 
 class ABOptimizer(torch.optim.Optimizer):
@@ -89,7 +127,14 @@ class ABOptimizer(torch.optim.Optimizer):
         self._dp_bytes = 0
         self._structure = -1
         self._finalized = False
-        self.last_switch: dict[str, Any] = {}
+        #: Every phase switch run so far, in order (kept in ``state_dict`` across a resume).
+        self.switches: list[Switch] = []
+        #: Steps skipped because some rank's reduced gradients were non-finite (in total, and
+        #: in a row just now); see ``ABConfig.max_skipped_steps``.
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self._skip = False
+        self._nonfinite_ranks: list[int] = []
         #: Wall seconds spent in phase switches, by event ("factorize", "sync"), and in the SVDs.
         self.switch_seconds: dict[str, float] = defaultdict(float)
         self.svd_seconds = 0.0
@@ -142,16 +187,32 @@ class ABOptimizer(torch.optim.Optimizer):
         return self._step
 
     @property
-    def phase(self) -> str:
+    def phase(self) -> Phase:
         """Phase of the NEXT step: "warmup", "ab" or "rebound"."""
         return self.schedule.phase(self._step)
 
     @property
-    def role(self) -> str | None:
+    def role(self) -> Role | None:
         """"A" or "B" (or "AB" in a single process) during AB phases, None otherwise."""
-        if self.phase != "ab" or self.groups is None:
+        if self.phase != Phase.AB or self.groups is None:
             return None
         return self.groups.role
+
+    @property
+    def last_switch(self) -> Switch | None:
+        """The most recent entry of :attr:`switches` (None before the first switch)."""
+        return self.switches[-1] if self.switches else None
+
+    @property
+    def groups_differ(self) -> bool:
+        """True when the groups hold different models now: the last step was an AB step of a
+        world split into several groups, and no sync has run since (a run that stops here
+        needs :meth:`finalize` before it evaluates or exports one model)."""
+        if self.groups is None or self.groups.plan.num_groups < 2 or self._finalized:
+            return False
+        t = self._step
+        return (t > 0 and self.schedule.phase(t - 1) == Phase.AB
+                and Event.SYNC not in self.schedule.events(t))
 
     @property
     def world_size(self) -> int:
@@ -170,12 +231,11 @@ class ABOptimizer(torch.optim.Optimizer):
         self.model = model
         self._layers = list(ab_layers(model))
         if not self._layers and self.config.enabled:
-            raise ValueError(
-                "The model has no AB layers: call ab_accel.convert(model, config) before "
-                "building the ABOptimizer (and before accelerator.prepare), or check that "
-                "target_modules matches some nn.Linear / nn.Conv2d / Conv1D layers."
-            )
+            raise ValueError(f"The model has no AB layers: {why_nothing_to_factorize(model)}")
         self.groups = build_groups(self.config, world=self.process_group)
+        first = next(iter(model.parameters()), None)
+        if first is not None:  # NCCL reduces CUDA tensors only: ab_accel's own small tensors
+            self.comm.device = first.device  # (ranks, digests, flags) live with the model
         self._collect_static()
         self._slots = [self._slots_for(g) for g in self.optimizer.param_groups]
         self._dp_bytes = self._dp_equivalent_bytes()
@@ -183,9 +243,9 @@ class ABOptimizer(torch.optim.Optimizer):
         self.comm.broadcast_(
             [p.data for p in self._all_params()] + self._buffers,
             src=self._global_rank(0), group=self.groups.world, ranks=self._world_ranks,
-            phase="setup")
+            phase=TrafficLabel.SETUP)
         self._refresh()
-        if self._step == 0:
+        if self._step == 0 and not self.switches:
             for event in self.schedule.events(0):
                 self._run_event(event)
         self._apply_roles()
@@ -255,13 +315,13 @@ class ABOptimizer(torch.optim.Optimizer):
     def _apply_roles(self) -> None:
         if self.groups is None:
             return
-        role = self.groups.role if self.phase == "ab" else None
+        role = self.groups.role if self.phase == Phase.AB else None
         for _, layer in self._layers:
-            layer.set_role(role if layer.mode == AB else None)
+            layer.set_role(role if layer.mode == LayerMode.AB else None)
 
     # ------------------------------------------------------------------ the step
     def _scope(self) -> tuple[Any, tuple[int, ...]]:
-        if self.phase == "ab":
+        if self.phase == Phase.AB:
             return self.groups.group, self.groups.group_ranks
         return self.groups.world, self._world_ranks
 
@@ -285,8 +345,8 @@ class ABOptimizer(torch.optim.Optimizer):
             self._refresh()
             self._apply_roles()
         group, ranks = self._scope()
+        params = self.trained_params()
         if len(ranks) > 1 and self.comm.active():
-            params = self.trained_params()
             grads: list[torch.Tensor] = []
             flags: list[float] = []
             for p in params:
@@ -296,13 +356,57 @@ class ABOptimizer(torch.optim.Optimizer):
                 else:
                     flags.append(1.0)
                 grads.append(p.grad)
-            kind = grads[0] if grads else torch.empty(0)
-            used = torch.tensor(flags, dtype=kind.dtype, device=kind.device)
+            kind = grads[0] if grads else torch.empty(0, device=self.comm.device)
+            # One "used" flag per trained tensor, and last the number of ranks whose own
+            # gradients are non-finite: it rides in the gradient all-reduce (no extra trip).
+            used = torch.tensor(flags + [0.0], dtype=kind.dtype, device=kind.device)
+            local_bad = _nonfinite(grads + self._buffers, kind.device)
+            used[-1] = local_bad.to(used.dtype)
+            own_buffers = [b.clone() for b in self._buffers]  # small: BatchNorm statistics
             self.comm.mean_(grads + [used] + self._buffers, group, ranks, self.phase)
-            for p, u in zip(params, used.tolist(), strict=True):
+            # The reduced sum can overflow although every rank's own gradients are finite.
+            reduced_bad = _nonfinite(grads, kind.device)
+            values = torch.cat([used, reduced_bad.to(used.dtype).view(1)]).tolist()
+            for p, u in zip(params, values[:-2], strict=True):
                 if u == 0.0:
                     p.grad = None
+            bad = values[-2] > 0 or values[-1] > 0
+            if self.phase == Phase.AB and self.groups.plan.num_groups > 1:
+                # The groups share no collective in an AB phase: one number tells the world.
+                bad = self.comm.max_int([int(bad)], self.groups.world, self._world_ranks,
+                                        TrafficLabel.CHECK)[0] > 0
+            self._skip = bad
+            if bad:
+                self._nonfinite_ranks = self._ranks_with(bool(local_bad.item()))
+                self._mend_buffers(own_buffers, bool(local_bad.item()),
+                                   round(values[-2] * len(ranks)), group, ranks)
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
+            self._skip = bool(_nonfinite(grads, self.comm.device).item())
+            self._nonfinite_ranks = [0] if self._skip else []
         self._reduced = True
+
+    def _mend_buffers(self, own: list[torch.Tensor], local_bad: bool, n_bad: int, group: Any,
+                      ranks: tuple[int, ...]) -> None:
+        """A skipped step must not spread one rank's non-finite buffers (BatchNorm statistics
+        of a NaN forward) through the mean that just ran: average the finite ranks' own values
+        instead (an extra collective, on this failure path only)."""
+        if n_bad == 0 or not self._buffers:
+            return  # the scope's mean was of finite buffers
+        for buf, saved in zip(self._buffers, own, strict=True):
+            buf.copy_(saved)
+        finite = len(ranks) - n_bad
+        if finite > 0:
+            if local_bad:  # contribute nothing (a weight of 0 would turn inf into NaN)
+                for buf in self._buffers:
+                    buf.zero_()
+            self.comm.mean_(self._buffers, group, ranks, self.phase,
+                            weights=[1.0 / finite] * len(self._buffers), divisor=1.0)
+
+    def _ranks_with(self, flag: bool) -> list[int]:
+        """The world ranks where ``flag`` is True (one all-gather; used on the failure path)."""
+        flags = self.comm.flags_of(flag, self.groups.world, self._world_ranks, TrafficLabel.CHECK)
+        return [r for r, f in enumerate(flags) if f]
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Reduce, then clip the gradients of what this rank trains."""
@@ -317,39 +421,94 @@ class ABOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self._finalized:
             raise RuntimeError(
-                "step() after sync_now(): the groups were reconciled mid-AB-phase for export, "
-                "so the model no longer matches the schedule. Call sync_now() only at the end.")
+                "step() after finalize() (or sync_now()): the groups were reconciled "
+                "mid-AB-phase for export, so the model no longer matches the schedule. Call "
+                "finalize() only at the end of training.")
         phase = self.phase
         self.synchronize()
-        factor = self.schedule.lr_factor(self._step)
-        saved = [g["lr"] for g in self.optimizer.param_groups]
-        if factor != 1.0:
-            for g in self.optimizer.param_groups:
-                g["lr"] = g["lr"] * factor
-        try:
-            self.optimizer.step()
-        finally:
-            for g, lr in zip(self.optimizer.param_groups, saved, strict=True):
-                g["lr"] = lr
-            self._reduced = False
+        self._reduced = False
+        if self._skip:
+            self._skip_step(phase)
+        else:
+            self.consecutive_skips = 0
+            factor = self.schedule.lr_factor(self._step)
+            saved = [g["lr"] for g in self.optimizer.param_groups]
+            if factor != 1.0:
+                for g in self.optimizer.param_groups:
+                    g["lr"] = g["lr"] * factor
+            try:
+                self.optimizer.step()
+            finally:
+                for g, lr in zip(self.optimizer.param_groups, saved, strict=True):
+                    g["lr"] = lr
         self.traffic.record_step(phase, self._dp_bytes, self.world_size)
         self._step += 1
         for event in self.schedule.events(self._step):
             self._run_event(event)
         return loss
 
+    def _skip_step(self, phase: Phase) -> None:
+        """Leave parameters and optimizer state as they are, on every rank alike (every rank
+        reached the same decision), count the skip, and stop after too many in a row."""
+        self._skip = False
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        ranks = self._nonfinite_ranks
+        where = (f"rank(s) {ranks}" if ranks else
+                 "no rank's own gradients, but their sum over the group overflowed")
+        limit = self.config.max_skipped_steps
+        if self.consecutive_skips > limit:
+            raise NonFiniteError(
+                f"Step {self._step} ({phase} phase): the gradients were non-finite (NaN or inf) "
+                f"on {where}, for {self.consecutive_skips} step(s) in a row "
+                f"(ab_training.max_skipped_steps={limit}). The parameters and optimizer state "
+                f"are those of step {self._step - self.consecutive_skips + 1}, before the first "
+                f"skipped step. Lower the learning rate, clip gradients (max_grad_norm), or "
+                f"check the data; raise max_skipped_steps to tolerate longer runs of skips.")
+        if self.groups is None or self.groups.rank == 0:
+            logger.warning(
+                "step %d (%s phase) skipped on every rank: non-finite gradients on %s "
+                "(%d skipped so far, %d in a row; max_skipped_steps=%d)", self._step, phase,
+                where, self.skipped_steps, self.consecutive_skips, limit)
+
+    def _check_finite(self, event: Event, tensors: list[torch.Tensor]) -> None:
+        """Refuse a switch on non-finite tensors (one flag over the world), before anything
+        is averaged or factorized, so that no rank ever receives the NaN of another."""
+        local = bool(_nonfinite(tensors, self.comm.device).item())
+        world, ranks = self.groups.world, self._world_ranks
+        if not self.comm.max_int([int(local)], world, ranks, TrafficLabel.SYNC)[0]:
+            return
+        bad = self._ranks_with(local) if len(ranks) > 1 and self.comm.active() else [0]
+        raise NonFiniteError(
+            f"Refusing to {event} at step {self._step}: the parameters are non-finite (NaN or "
+            f"inf) on rank(s) {bad}; nothing was averaged or factorized. The optimizer produced "
+            f"them from finite gradients (an update that overflowed): lower the learning rate "
+            f"or clip gradients, and resume from the last checkpoint.")
+
+    def finalize(self) -> bool:
+        """The end of training: make every rank hold the same model, for evaluation and export.
+
+        A run that stops inside an AB phase leaves the groups with different factors
+        (:attr:`groups_differ`); then the configured sync runs now (W <- A B on every layer),
+        metered as sync traffic and listed in :attr:`switches` with ``final=True``. Anywhere
+        else the ranks already agree and nothing is sent. Returns True when a sync ran.
+        Collective: every rank must call it. After a sync ran, ``step()`` refuses.
+        """
+        if not self.groups_differ:
+            return False
+        return self.sync_now()
+
     def sync_now(self) -> bool:
         """Reconcile the groups now (as at a scheduled sync) and leave every layer dense.
 
-        For the end of training (export, final evaluation): a run that stops mid-AB-phase leaves
-        the groups with different factors. Returns True when a sync ran (False outside an AB
-        phase, where all ranks already agree). Collective: every rank must call it. Training
-        cannot continue after a sync_now() that ran: ``step()`` refuses.
+        Unlike :meth:`finalize` it syncs whenever a layer is factored, even when the groups
+        agree (right after a factorization). Returns True when a sync ran. Collective: every
+        rank must call it. Training cannot continue after a sync_now() that ran.
         """
-        if self.model is None or not any(layer.mode == AB for _, layer in self._layers):
+        if self.model is None or not any(layer.mode == LayerMode.AB for _, layer in self._layers):
             return False
         self._reduced = False
-        self._run_event(SYNC)
+        self._run_event(Event.SYNC, final=True)
         self._finalized = True
         return True
 
@@ -359,70 +518,78 @@ class ABOptimizer(torch.optim.Optimizer):
         return self.schedule.lr_factor(self._step)
 
     # ------------------------------------------------------------------ switches
-    def _run_event(self, event: str) -> None:
+    def _run_event(self, event: Event, final: bool = False) -> None:
         start = time.perf_counter()
-        if event == SYNC:
+        layers = [layer for _, layer in self._layers]
+        self._check_finite(event, [t for layer in layers for t in layer.factor_params()]
+                           + [p.data for p in self._dense_params] + self._buffers)
+        if event == Event.SYNC:
             self._sync()
-        elif event == FACTORIZE:
+        elif event == Event.FACTORIZE:
             self._factorize()
         self._refresh()
         self._apply_roles()
         seconds = time.perf_counter() - start
-        self.switch_seconds[event] += seconds
-        self.last_switch = {"event": event, "boundary": self._step, "seconds": seconds}
+        self.switch_seconds[str(event)] += seconds
+        ranks = comp = None
+        if event == Event.FACTORIZE:
+            ranks = {name: layer.rank for name, layer in self._layers if layer.rank is not None}
+            comp = {k: v for k, v in compression(self.model).items() if k != "layers"}
+        self.switches.append(Switch(event, self._step, seconds, final, ranks, comp))
 
     @torch.no_grad()
     def _factorize(self) -> None:
         """SVD every W, cut at tau, agree the ranks (MAX), check every rank got the same A, B."""
         cfg = self.config
-        layers = [layer for _, layer in self._layers if layer.mode == FULL]
+        layers = [layer for _, layer in self._layers if layer.mode == LayerMode.FULL]
         if not layers:
             return
         start = time.perf_counter()
         proposed = [layer.proposed_rank(cfg.rank_cutoff, cfg.min_rank) for layer in layers]
         self.svd_seconds += time.perf_counter() - start
         world, ranks = self.groups.world, self._world_ranks
-        agreed = self.comm.max_int(proposed, world, ranks, "sync")
+        agreed = self.comm.max_int(proposed, world, ranks, TrafficLabel.SYNC)
         for layer, rank in zip(layers, agreed, strict=True):
             layer.factorize(rank)
-        if not self.comm.agree([_digest(layers)], world, ranks, "sync"):
+        if not self.comm.agree([_digest(layers)], world, ranks, TrafficLabel.SYNC):
             # Mixed hardware gave different SVDs: take rank 0's factors.
             self.comm.broadcast_([t for layer in layers for t in (layer.A.data, layer.B.data)],
                                  src=self._global_rank(0), group=world, ranks=ranks,
-                                 phase="sync")
+                                 phase=TrafficLabel.SYNC)
 
     @torch.no_grad()
     def _sync(self) -> None:
         """Reconcile the groups by ``sync_mode``, then W <- A B on every layer."""
         mode = self.config.sync_mode
-        layers = [layer for _, layer in self._layers if layer.mode == AB]
+        layers = [layer for _, layer in self._layers if layer.mode == LayerMode.AB]
         world, ranks = self.groups.world, self._world_ranks
         n = self.groups.world_size
         dense = [p.data for p in self._dense_params] + self._buffers
-        if mode == "full":
+        if mode == SyncMode.FULL:
             mats = [layer.matrix() for layer in layers]
-            self.comm.mean_(mats + dense, world, ranks, "sync")
+            self.comm.mean_(mats + dense, world, ranks, TrafficLabel.SYNC)
             for layer, mat in zip(layers, mats, strict=True):
                 layer.to_full()
                 layer.weight.copy_(layer._matrix_to_weight(mat))
-        elif mode == "only-learned":
+        elif mode == SyncMode.ONLY_LEARNED:
             # A averaged over the A-group ranks, B over the B-group ranks, dense over the
             # world: one SUM all-reduce of locally pre-scaled tensors.
             plan = self.groups.plan
-            n_a = max(1, len(plan.ranks_with_role("A")))
-            n_b = max(1, len(plan.ranks_with_role("B")))
+            n_a = max(1, len(plan.ranks_with_role(Role.A)))
+            n_b = max(1, len(plan.ranks_with_role(Role.B)))
             role = self.groups.role
-            w_a = 1.0 / n_a if role in ("A", "AB") else 0.0
-            w_b = 1.0 / n_b if role in ("B", "AB") else 0.0
+            w_a = 1.0 / n_a if role in (Role.A, Role.AB) else 0.0
+            w_b = 1.0 / n_b if role in (Role.B, Role.AB) else 0.0
             tensors = [t for layer in layers for t in (layer.A.data, layer.B.data)] + dense
             weights = [w for _ in layers for w in (w_a, w_b)] + [1.0 / n] * len(dense)
-            self.comm.mean_(tensors, world, ranks, "sync", weights=weights, divisor=1.0)
-        elif mode == "only-b":
+            self.comm.mean_(tensors, world, ranks, TrafficLabel.SYNC, weights=weights, divisor=1.0)
+        elif mode == SyncMode.ONLY_B:
             # A never trains: it is identical on every rank already.
-            self.comm.mean_([layer.B.data for layer in layers] + dense, world, ranks, "sync")
+            self.comm.mean_([layer.B.data for layer in layers] + dense, world, ranks,
+                            TrafficLabel.SYNC)
         else:  # with-stale
             self.comm.mean_([t for layer in layers for t in (layer.A.data, layer.B.data)]
-                            + dense, world, ranks, "sync")
+                            + dense, world, ranks, TrafficLabel.SYNC)
         self._average_dense_state()
         for layer in layers:
             layer.to_full()
@@ -439,7 +606,7 @@ class ABOptimizer(torch.optim.Optimizer):
                 if (key not in _SKIP_STATE_KEYS and torch.is_tensor(value)
                         and value.is_floating_point() and value.dim() > 0):
                     tensors.append(value)
-        self.comm.mean_(tensors, self.groups.world, self._world_ranks, "sync")
+        self.comm.mean_(tensors, self.groups.world, self._world_ranks, TrafficLabel.SYNC)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -453,6 +620,9 @@ class ABOptimizer(torch.optim.Optimizer):
                 "traffic": self.traffic.state_dict(),
                 "world_size": self.world_size,
                 "group_index": self.groups.group_index if self.groups else 0,
+                "switches": [sw.to_dict() for sw in self.switches],
+                "skipped_steps": self.skipped_steps,
+                "consecutive_skips": self.consecutive_skips,
             },
         }
 
@@ -468,6 +638,7 @@ class ABOptimizer(torch.optim.Optimizer):
             # prepare): the parameter lists are the constructor's, restore as they are.
             self._step = int(ab["step"])
             self.traffic.load_state_dict(ab["traffic"])
+            self._load_ab_counters(ab)
             self.optimizer.load_state_dict(state_dict["optimizer"])
             return
         if self.groups is not None and ab["world_size"] != self.world_size:
@@ -486,10 +657,24 @@ class ABOptimizer(torch.optim.Optimizer):
                 )
         self._step = int(ab["step"])
         self.traffic.load_state_dict(ab["traffic"])
+        self._load_ab_counters(ab)
         self._refresh()
         self._apply_roles()
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self._reduced = False
+
+
+    def _load_ab_counters(self, ab: dict[str, Any]) -> None:
+        self.switches = [Switch.from_dict(sw) for sw in ab.get("switches", [])]
+        self.skipped_steps = int(ab.get("skipped_steps", 0))
+        self.consecutive_skips = int(ab.get("consecutive_skips", 0))
+
+
+def _nonfinite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A 0-d bool tensor: does any of ``tensors`` hold a NaN or an inf? (No host sync.)"""
+    if not tensors:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    return ~torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
 def _unique_params(model: nn.Module) -> Iterable[nn.Parameter]:

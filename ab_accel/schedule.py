@@ -1,7 +1,8 @@
 """The AB-training phase state machine, as a pure function of the optimizer step count.
 
-No torch, no torch.distributed: every rank evaluates the same function of the same integer, so
-every rank switches at the same step without talking to the others.
+No torch, no torch.distributed (only the words of :mod:`ab_accel.vocab`): every rank evaluates
+the same function of the same integer, so every rank switches at the same step without talking
+to the others.
 
 Notation (arXiv 2405.01067): W0 = warmup_steps, T = sync_every, F = rebound_steps,
 R = lr_rebound_steps. ``t`` counts optimizer steps from 0.
@@ -24,12 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-WARMUP = "warmup"
-AB = "ab"
-REBOUND = "rebound"
-
-FACTORIZE = "factorize"
-SYNC = "sync"
+from .vocab import Event, Phase
 
 
 @dataclass(frozen=True)
@@ -67,26 +63,26 @@ class ABSchedule:
             return -1
         return (t - self.warmup_steps) // self.sync_every
 
-    def phase(self, t: int) -> str:
+    def phase(self, t: int) -> Phase:
         """Phase of step ``t``: ``"warmup"``, ``"ab"`` or ``"rebound"``."""
         self._check(t)
         if t < self.warmup_steps:
-            return WARMUP
+            return Phase.WARMUP
         offset = (t - self.warmup_steps) % self.sync_every
-        return AB if offset < self.ab_steps else REBOUND
+        return Phase.AB if offset < self.ab_steps else Phase.REBOUND
 
-    def events(self, boundary: int) -> tuple[str, ...]:
+    def events(self, boundary: int) -> tuple[Event, ...]:
         """Switches that run at ``boundary`` (between step boundary-1 and step boundary)."""
         self._check(boundary)
         if boundary < self.warmup_steps:
             return ()
         offset = (boundary - self.warmup_steps) % self.sync_every
-        out: list[str] = []
+        out: list[Event] = []
         # An AB block ends here: the last AB step was boundary - 1.
         if boundary > self.warmup_steps and offset == self.ab_steps % self.sync_every:
-            out.append(SYNC)
+            out.append(Event.SYNC)
         if offset == 0:
-            out.append(FACTORIZE)
+            out.append(Event.FACTORIZE)
         return tuple(out)
 
     def steps_since_switch(self, t: int) -> int | None:
@@ -111,9 +107,9 @@ class ABSchedule:
             b += 1
         return b
 
-    def describe(self, total_steps: int) -> list[tuple[str, int, int]]:
+    def describe(self, total_steps: int) -> list[tuple[Phase, int, int]]:
         """The phases of a run of ``total_steps`` steps as (phase, first, end) spans."""
-        spans: list[tuple[str, int, int]] = []
+        spans: list[tuple[Phase, int, int]] = []
         for t in range(total_steps):
             p = self.phase(t)
             if spans and spans[-1][0] == p and spans[-1][2] == t:

@@ -32,8 +32,8 @@ AB-training needs:
 
 Evaluation runs on the parameters each rank holds: during an AB phase the A-groups and the
 B-groups hold different factors, and the Trainer's metrics average over the ranks, i.e. over the
-groups. Evaluate after a sync (or at the end of training, after
-``trainer.ab_optimizer.sync_now()``) for the metrics of one reconciled model.
+groups. At the end of ``train()`` the ABTrainer calls :meth:`ABOptimizer.finalize` (one sync if
+the run stopped inside an AB phase), so what comes after train() sees one reconciled model.
 
 Mixed precision: ``bf16=True`` (torch autocast) works with DDP; ``fp16=True`` is refused (its
 loss scaler skips steps per group, so the groups' schedules would drift apart). With DeepSpeed use
@@ -49,35 +49,34 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from .accelerate import _ddp_ignore_factorized_weights, _keep_ddp_out_of_the_way
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import ABConfig, ABConfigError
-from .deepspeed import AB_CHECKPOINT_DIR, attach, read_config
+from . import support
+from .checkpoint import SHARDS_DIR, load_checkpoint, save_checkpoint
+from .config import DEEPSPEED_KEY, ABConfig, ABConfigError, resolve_config
+from .ddp import hand_reduction_to_ab, ignore_factorized_weights
+from .deepspeed import attach, check_config, load_ds_config
 from .model import compression, convert
 from .optimizer import ABOptimizer
+from .vocab import Phase
 
-PHASE_CODES = {"warmup": 0, "ab": 1, "rebound": 2}
+#: The numbers ``ab_phase`` takes in the logs (trackers want numbers).
+PHASE_CODES = {Phase.WARMUP: 0, Phase.AB: 1, Phase.REBOUND: 2}
 
 
-def resolve_config(ab_config: ABConfig | dict[str, Any] | None, deepspeed: Any) -> ABConfig:
-    """The ABConfig from ``ab_config`` or from the DeepSpeed JSON's ``"ab_training"`` key.
-
-    The DeepSpeed config is always checked (:func:`ab_accel.deepspeed.check_config`). Raises
-    :class:`~ab_accel.ABConfigError` when neither gives a config, or when both do and disagree.
-    """
-    from_ds = read_config(deepspeed) if deepspeed is not None else None
-    explicit = None if ab_config is None else ABConfig.from_dict(ab_config)
-    if explicit is not None and from_ds is not None and explicit != from_ds:
-        raise ABConfigError(
-            'ABTrainer got ab_config= and an "ab_training" key in the DeepSpeed config that '
-            "differ: keep one of them."
-        )
-    cfg = explicit if explicit is not None else from_ds
+def config_for_trainer(ab_config: ABConfig | dict[str, Any] | None, deepspeed: Any
+                       ) -> ABConfig:
+    """The ABConfig of an :class:`ABTrainer`: ``ab_config=`` or the DeepSpeed JSON's key, by
+    :func:`ab_accel.config.resolve_config`'s rule, after
+    :func:`ab_accel.deepspeed.check_config` of the DeepSpeed config. Raises
+    :class:`~ab_accel.ABConfigError` when neither gives a config, or both do and disagree."""
+    if deepspeed is not None:
+        deepspeed = load_ds_config(deepspeed)
+        check_config(deepspeed)
+    cfg = resolve_config(ab_config, deepspeed=deepspeed).config
     if cfg is None:
         raise ABConfigError(
-            'ABTrainer needs an AB-training config: pass ab_config=ABConfig(...) or put an '
-            '"ab_training" block at the top level of the --deepspeed JSON. To train without '
-            'AB-training use ab_config={"enabled": false} (or the plain Trainer).'
+            "ABTrainer needs an AB-training config: pass ab_config=ABConfig(...) or put an "
+            f'"{DEEPSPEED_KEY}" block at the top level of the --deepspeed JSON. To train '
+            'without AB-training use ab_config={"enabled": false} (or the plain Trainer).'
         )
     return cfg
 
@@ -110,7 +109,7 @@ class ABTrainer(Trainer):
         super().__init__(*args, **kwargs)
         ds = getattr(self.args, "hf_deepspeed_config", None)
         ds_config = ds.config if ds is not None else self.args.deepspeed
-        cfg = resolve_config(ab_config, ds_config)
+        cfg = config_for_trainer(ab_config, ds_config)
         if cfg.enabled:
             self._refuse_unsupported()
         self.ab_config = cfg
@@ -118,25 +117,15 @@ class ABTrainer(Trainer):
             self._convert(self.model)
 
     def _refuse_unsupported(self) -> None:
+        where, tr = "in the Trainer", support.TRAINER
         if self.args.fp16:
-            raise ABConfigError(
-                "fp16=True runs a loss scaler that skips a step when a gradient overflows; the AB "
-                "groups see different gradients, so their step counters would drift apart. Use "
-                "bf16=True (no scaler)" + (" through the DeepSpeed JSON's torch_autocast block."
-                                           if self.is_deepspeed_enabled else ".")
-            )
+            support.refuse(support.problem("fp16", "fp16=True", tr), where)
         if self.is_deepspeed_enabled and self.args.bf16:
-            raise ABConfigError(
-                "bf16=True with DeepSpeed turns on DeepSpeed's bf16 optimizer, which flattens the "
-                "parameters into fixed buffers. Drop --bf16 and add "
-                '"torch_autocast": {"enabled": true, "dtype": "bfloat16"} to the DeepSpeed JSON.'
-            )
+            support.refuse(support.problem(
+                "flat_optimizer", "bf16=True with DeepSpeed (DeepSpeed's bf16 optimizer)", tr),
+                where)
         if self.args.auto_find_batch_size:
-            raise ABConfigError(
-                "auto_find_batch_size=True restarts training with a re-wrapped model and "
-                "optimizer after an out-of-memory error, which would restart the AB schedule and "
-                "groups half-way. Set per_device_train_batch_size yourself."
-            )
+            support.refuse(support.problem("auto_find_batch_size", frontend=tr), where)
 
     def _enabled(self) -> bool:
         return self.ab_config is not None and self.ab_config.enabled
@@ -147,7 +136,7 @@ class ABTrainer(Trainer):
             if not self.is_deepspeed_enabled:
                 # Keep the AB layers' weights out of DDP's reducer (it never reduces here, and
                 # holding them would keep W allocated after a factorization released it).
-                _ddp_ignore_factorized_weights(model)
+                ignore_factorized_weights(model)
         return model
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
@@ -164,9 +153,19 @@ class ABTrainer(Trainer):
                 self._attach_ab(out if isinstance(out, tuple) else (out,))
             return out
 
-        # Bind right after the Trainer prepared the model and optimizer: before it loads a
-        # checkpoint into them, and before step 1.
+        # A patch, on this trainer's accelerator only: the Trainer has no public hook between
+        # its accelerator.prepare (which makes the DDP wrapper) and its checkpoint loading,
+        # and AB-training must bind to the prepared model and optimizer in between.
         self.accelerator.prepare = prepare_with_ab
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``, then :meth:`ABOptimizer.finalize`: a run that stops inside an AB
+        phase is reconciled (one sync), so evaluate(), save_model() and the exports after
+        train() see one model on every rank."""
+        output = super().train(*args, **kwargs)
+        if self.ab_optimizer is not None:
+            self.ab_optimizer.finalize()
+        return output
 
     # ------------------------------------------------------------------ wiring
     def _attach_ab(self, prepared: tuple[Any, ...]) -> None:
@@ -186,7 +185,7 @@ class ABTrainer(Trainer):
             if isinstance(model, nn.parallel.DistributedDataParallel):
                 # AB-training owns gradient reduction; DDP's reducer would all-reduce over the
                 # world (and cannot follow re-created factors). Keep it off for the whole run.
-                _keep_ddp_out_of_the_way(model)
+                hand_reduction_to_ab(model)
         wrapped.optimizer = ab
         self.ab_optimizer = ab
 
@@ -231,7 +230,7 @@ class ABTrainer(Trainer):
             folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             directory = os.path.join(self._get_output_dir(trial=trial), folder)
             # The groups' shards first: a checkpoint folder never lacks them.
-            save_checkpoint(os.path.join(directory, AB_CHECKPOINT_DIR), self.model,
+            save_checkpoint(os.path.join(directory, SHARDS_DIR), self.model,
                             self.ab_optimizer)
         # Under DeepSpeed the attached engine's save_checkpoint writes the shards.
         super()._save_checkpoint(model, trial)
@@ -240,7 +239,7 @@ class ABTrainer(Trainer):
     def _ab_dir(checkpoint: str | None) -> str | None:
         if checkpoint is None:
             return None
-        path = os.path.join(checkpoint, AB_CHECKPOINT_DIR)
+        path = os.path.join(checkpoint, SHARDS_DIR)
         return path if os.path.isdir(path) else None
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str,

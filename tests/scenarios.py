@@ -263,21 +263,107 @@ def resume(rank: int, world: int, stop_at: int, total: int, mode: str) -> dict[s
 
 
 def sync_now_mid_ab(rank: int, world: int) -> dict[str, Any]:
-    """Stop mid-AB-phase and reconcile for export: every rank ends with the same dense model."""
+    """Stop mid-AB-phase and reconcile for export: every rank ends with the same dense model.
+
+    Also records ``groups_differ`` along the way, and what ``finalize()`` does where the ranks
+    already agree (right after the factorization: nothing) and where they differ (a sync)."""
     cfg = ABConfig(warmup_steps=1, sync_every=6, rebound_steps=1, rank_cutoff=0.5)
     torch.manual_seed(0)
     model = convert(small_cnn(), cfg)
     opt = ABOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3), model, cfg)
+    differ = [opt.groups_differ]
     for t in range(3):
         loss_of(model, rank, t).backward()
         opt.step()
         opt.zero_grad()
+        differ.append(opt.groups_differ)
+        if t == 0:  # the factorization just ran: the ranks agree, finalize has nothing to do
+            early_finalize = opt.finalize()
     before = flat_named(model)
-    ran = opt.sync_now()
+    sent_before = opt.traffic.summary()["bytes_by_phase"]["sync"]
+    ran = opt.finalize()
     refused = False
     try:
         opt.step()
     except RuntimeError:
         refused = True
     return {"before": before, "after": flat_named(model), "ran": ran, "refused": refused,
-            "modes": [layer.mode for _, layer in ab_layers(model)]}
+            "modes": [layer.mode for _, layer in ab_layers(model)], "differ": differ,
+            "early_finalize": early_finalize, "differ_after": opt.groups_differ,
+            "sync_bytes": opt.traffic.summary()["bytes_by_phase"]["sync"] - sent_before,
+            "switches": [sw.to_dict() for sw in opt.switches],
+            "restored_switches": _switches_round_trip(model, opt, cfg)}
+
+
+def _switches_round_trip(model: nn.Module, opt: ABOptimizer, cfg: ABConfig) -> list[dict]:
+    """The switch list survives state_dict / load_state_dict into an unbound optimizer."""
+    other = ABOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3), None, cfg)
+    other.load_state_dict(opt.state_dict())
+    return [sw.to_dict() for sw in other.switches]
+
+
+def nonfinite_steps(rank: int, world: int) -> dict[str, Any]:
+    """Rank 2 (a B-group rank) makes NaN gradients at a warm-up step and at an AB step, then
+    keeps making them until the consecutive-skip limit stops the run; and a switch on NaN
+    parameters is refused before anything is averaged."""
+    from ab_accel.optimizer import NonFiniteError
+
+    cfg = ABConfig(warmup_steps=2, sync_every=6, rebound_steps=1, rank_cutoff=0.5,
+                   max_skipped_steps=2)
+    torch.manual_seed(0)
+    model = convert(small_cnn(), cfg)
+    opt = ABOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3), model, cfg)
+    poison = {0, 3, 5, 6, 7}  # warm-up step 0; AB step 3; then 5, 6, 7 in a row
+    out: dict[str, Any] = {"steps": [], "error": None}
+    for t in range(9):
+        before = {k: v.detach().clone() for k, v in model.named_parameters()}
+        state_before = {k: v.clone() for k, v in _flat_state(opt).items()}
+        loss = loss_of(model, rank, t)
+        if rank == 2 and t in poison:
+            loss = loss * float("nan")
+        loss.backward()
+        phase = opt.phase
+        try:
+            opt.step()
+        except NonFiniteError as exc:
+            out["error"] = {"step": t, "message": str(exc)}
+            break
+        opt.zero_grad()
+        after = {k: v.detach().clone() for k, v in model.named_parameters()}
+        buffers = [b.clone() for b in model.buffers() if b.is_floating_point()]
+        out["steps"].append({
+            "t": t, "phase": str(phase), "skipped_steps": opt.skipped_steps,
+            "unchanged": all(torch.equal(before[k], after[k]) for k in before),
+            "state_unchanged": _same_tensors(_flat_state(opt), state_before),
+            "finite": all(bool(torch.isfinite(v).all()) for v in after.values()),
+            "buffers": torch.cat([b.reshape(-1) for b in buffers]),
+            "step_count": opt.step_count})
+    # A sync on NaN parameters: refused on every rank, nothing sent to the other ranks.
+    cfg2 = ABConfig(warmup_steps=1, sync_every=3, rebound_steps=1, rank_cutoff=0.5)
+    torch.manual_seed(0)
+    model2 = convert(small_cnn(), cfg2)
+    opt2 = ABOptimizer(torch.optim.SGD(model2.parameters(), lr=0.01), model2, cfg2)
+    # warm-up step 0 (factorize after it), AB steps 1 and 2, sync after step 2
+    for t in range(3):
+        loss_of(model2, rank, t).backward()
+        try:
+            opt2.step()  # step 2: rank 1's NaN gradients are skipped, then the sync refuses
+        except NonFiniteError as exc:
+            out["switch_error"] = str(exc)
+            out["others_finite"] = all(bool(torch.isfinite(v).all())
+                                       for v in flat_named(model2).values())
+            break
+        opt2.zero_grad()
+        if t == 1 and rank == 1:  # an update that overflowed, on one rank
+            with torch.no_grad():
+                next(iter(model2.parameters())).fill_(float("inf"))
+    return out
+
+
+def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _flat_state(opt: ABOptimizer) -> dict[str, torch.Tensor]:
+    return {f"{i}.{k}": v for i, st in enumerate(opt.optimizer.state.values())
+            for k, v in st.items() if torch.is_tensor(v)}

@@ -113,3 +113,9 @@ def test_group_size_world_is_one_group_for_only_b():
         ABConfig(group_size="world")
     with pytest.raises(ABConfigError, match="group_size must be an integer"):
         ABConfig(group_size="all", sync_mode="only-b")
+
+
+def test_a_misspelt_keyword_gets_the_did_you_mean_of_the_dict_path():
+    with pytest.raises(ABConfigError, match=r"'sync_evry' \(did you mean 'sync_every'\?\)"):
+        ABConfig(sync_evry=10)
+    assert ABConfig(sync_every=10, rebound_steps=2).sync_every == 10

@@ -212,3 +212,51 @@ def test_sync_now_reconciles_a_run_stopped_mid_ab_phase():
         assert res["ran"] and res["refused"]
         assert set(res["modes"]) == {"full"}
         assert _same(res["after"], results[0]["after"])
+
+
+def test_the_optimizer_tells_when_groups_differ_and_what_switches_ran():
+    results = run_distributed(scenarios.sync_now_mid_ab, 4)
+    for res in results:
+        # before any step; after step 0 (factorized: ranks agree); after AB steps 1 and 2
+        assert res["differ"] == [False, False, True, True]
+        assert res["early_finalize"] is False and res["differ_after"] is False
+        assert res["sync_bytes"] > 0  # the final sync is metered as sync traffic
+        factorize, final = res["switches"]
+        assert factorize["event"] == "factorize" and factorize["step"] == 1
+        assert not factorize["final"] and factorize["compression"]["factorized_ratio"] > 1
+        assert all(r >= 1 for r in factorize["ranks"].values())
+        assert final["event"] == "sync" and final["step"] == 3 and final["final"]
+        assert final["ranks"] is None and final["seconds"] > 0
+        assert res["restored_switches"] == res["switches"]
+
+
+def test_a_nonfinite_step_is_skipped_on_every_rank_and_too_many_stop_training():
+    results = run_distributed(scenarios.nonfinite_steps, 4)
+    for rank, res in enumerate(results):
+        steps = {s["t"]: s for s in res["steps"]}
+        # step 0 (warm-up) and step 3 (AB phase: rank 2 is in the B-group, yet the A-group
+        # ranks skip too) are skipped everywhere, with parameters and optimizer state untouched
+        for t in (0, 3, 5):  # (after step 6 the scheduled sync changes the model anyway)
+            assert steps[t]["unchanged"] and steps[t]["state_unchanged"], (rank, t)
+        for t in (1, 2, 4):
+            assert not steps[t]["unchanged"], (rank, t)
+        assert [steps[t]["skipped_steps"] for t in range(7)] == [1, 1, 1, 2, 2, 3, 4]
+        assert steps[3]["phase"] == "ab" and steps[0]["phase"] == "warmup"
+        assert all(s["finite"] for s in res["steps"])
+        # buffers stay finite and identical inside the scope even on skipped steps
+        assert all(bool(torch.isfinite(s["buffers"]).all()) for s in res["steps"])
+        group = [0, 1] if rank < 2 else [2, 3]
+        for t in (0, 3):
+            assert torch.equal(steps[t]["buffers"], {s["t"]: s for s in results[group[0]][
+                "steps"]}[t]["buffers"]), (rank, t)
+        assert steps[6]["step_count"] == 7  # a skipped step still counts: the schedule holds
+        # the third NaN step in a row (max_skipped_steps=2) stops every rank, naming rank 2
+        assert res["error"]["step"] == 7
+        msg = res["error"]["message"]
+        assert "Step 7 (rebound phase)" in msg and "rank(s) [2]" in msg and "3 step(s) in a row" in msg
+        assert "max_skipped_steps=2" in msg
+        # a switch on non-finite parameters is refused on every rank before anything is sent
+        assert "Refusing to sync at step 3" in res["switch_error"]
+        assert "rank(s) [1]" in res["switch_error"]
+        if rank != 1:
+            assert res["others_finite"]

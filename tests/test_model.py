@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from ab_accel import ABConfig, ABLayer, compression, convert, merge, select_layers
+from ab_accel import ABConfig, ABConfigError, ABLayer, compression, convert, merge, select_layers
 from ab_accel.model import ab_layers
 
 
@@ -147,3 +147,65 @@ def test_gpt2_layers_are_chosen_by_type():
     assert kinds == {"ABConv1D"}
     # lm_head (tied to the embedding) is the last factorizable layer: left dense.
     assert type(model.lm_head) is nn.Linear
+
+
+# ----------------------------------------------------------------------------- shared weights
+def _tiny_bert_pretraining():
+    from transformers import BertConfig, BertForPreTraining
+
+    return BertForPreTraining(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=32))
+
+
+def _tiny_gpt2_double_heads():
+    from transformers import GPT2Config, GPT2DoubleHeadsModel
+
+    return GPT2DoubleHeadsModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2,
+                                           n_positions=16))
+
+
+@pytest.mark.parametrize("factory,tied,embedding", [
+    (_tiny_bert_pretraining, "cls.predictions.decoder", "bert.embeddings.word_embeddings"),
+    (_tiny_gpt2_double_heads, "lm_head", "transformer.wte"),
+])
+def test_a_tied_output_layer_is_never_factorized(factory, tied, embedding):
+    """The tied head is not the last factorizable layer here (a classification head follows),
+    so the first/last rule alone would have converted it, and at the first factorization the
+    embedding would have lost its shared weight and silently stopped training."""
+    model = factory()
+    assert model.get_submodule(tied).weight is model.get_submodule(embedding).weight
+    for target in (None, "all"):
+        names = select_layers(model, ABConfig(target_modules=target))
+        assert tied not in names and len(names) > 2
+    convert(model, ABConfig(target_modules="all"))
+    assert not isinstance(model.get_submodule(tied), ABLayer)
+    assert model.get_submodule(tied).weight is model.get_submodule(embedding).weight
+    with pytest.raises(ABConfigError, match=rf"names {tied}.*shared with {embedding}"):
+        select_layers(model, ABConfig(target_modules=[tied.rpartition(".")[2]]))
+
+
+def test_a_module_registered_under_two_names_is_never_factorized():
+    net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    net.alias = net[1]  # the same module object, reachable as "1" and as "alias"
+    assert select_layers(net, ABConfig(target_modules="all")) == ["0", "2", "3"]
+    with pytest.raises(ABConfigError, match="shared with alias"):
+        select_layers(net, ABConfig(target_modules=["1"]))
+
+
+# ----------------------------------------------------------------------------- bad selections
+def test_target_modules_that_match_nothing_or_do_not_parse_are_clear_errors():
+    with pytest.raises(ABConfigError, match="matches none of the model's 4 factorizable"):
+        select_layers(Net(), ABConfig(target_modules=["q_proj"]))
+    with pytest.raises(ABConfigError, match="not a valid regular expression"):
+        select_layers(Net(), ABConfig(target_modules="fc(["))
+    with pytest.raises(ABConfigError, match="exclude_modules.*not a valid regular expression"):
+        select_layers(Net(), ABConfig(exclude_modules="*fc"))
+
+
+def test_a_model_with_only_a_first_and_a_last_layer_says_how_to_include_them():
+    from ab_accel import ABOptimizer
+
+    model = convert(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), ABConfig())
+    with pytest.raises(ValueError, match=r"only factorizable layers, 0 and 2, are the first and "
+                                         r"the last.*target_modules='all'"):
+        ABOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, ABConfig())

@@ -195,4 +195,4 @@ def test_switch_time_is_recorded_by_event():
     assert set(opt.switch_seconds) == {"factorize", "sync"}
     assert all(v > 0 for v in opt.switch_seconds.values())
     assert 0 < opt.svd_seconds <= opt.switch_seconds["factorize"]
-    assert opt.last_switch["event"] == "factorize" and opt.last_switch["boundary"] == 7
+    assert opt.last_switch.event == "factorize" and opt.last_switch.step == 7

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from ab_accel import ABConfigError
-from ab_accel.trainer import resolve_config
+from ab_accel.trainer import config_for_trainer
 
 from distributed import free_port, run_distributed
 
@@ -67,14 +67,14 @@ def _check_resume(steps: dict, resumed: dict) -> None:
 # --------------------------------------------------------------------- config, no processes
 def test_config_comes_from_the_deepspeed_key_or_the_argument():
     ds = {"zero_optimization": {"stage": 0}, "ab_training": {"warmup_steps": 5}}
-    assert resolve_config(None, ds).warmup_steps == 5
-    assert resolve_config({"warmup_steps": 7}, None).warmup_steps == 7
+    assert config_for_trainer(None, ds).warmup_steps == 5
+    assert config_for_trainer({"warmup_steps": 7}, None).warmup_steps == 7
     with pytest.raises(ABConfigError, match="differ"):
-        resolve_config({"warmup_steps": 7}, ds)
+        config_for_trainer({"warmup_steps": 7}, ds)
     with pytest.raises(ABConfigError, match="ab_config=ABConfig"):
-        resolve_config(None, {"zero_optimization": {"stage": 0}})
+        config_for_trainer(None, {"zero_optimization": {"stage": 0}})
     with pytest.raises(ABConfigError, match='"stage": 0'):
-        resolve_config(None, {"zero_optimization": {"stage": 2}, "ab_training": {}})
+        config_for_trainer(None, {"zero_optimization": {"stage": 2}, "ab_training": {}})
 
 
 def test_fp16_is_refused_when_the_trainer_is_built(tmp_path):

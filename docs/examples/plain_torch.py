@@ -82,7 +82,7 @@ def main() -> None:
             checks["ab_steps_groups_differ"] += len(set(digests)) > 1
 
     compressed = compression(model)  # measured in the AB phase: the factors are what is held
-    opt.sync_now()  # stopped mid-AB-phase? reconcile before evaluating and exporting
+    opt.finalize()  # stopped mid-AB-phase (opt.groups_differ)? one sync before eval and export
     model.eval()
     with torch.no_grad():
         acc = (model(x[test_idx]).argmax(1) == y[test_idx]).float().mean().item()

@@ -44,7 +44,8 @@ class ParamRecorder(TrainerCallback):
         opt = self.trainer.ab_optimizer
         vec = torch.cat([p.detach().reshape(-1).float() for p in self.trainer.model.parameters()])
         self.steps[state.global_step] = {"params": vec, "phase_next": opt.phase,
-                                         "ab_step": opt.step_count}
+                                         "ab_step": opt.step_count,
+                                         "traffic": opt.traffic.summary()}
 
 
 def save_gpt2(path: str) -> None:
@@ -81,7 +82,7 @@ def trainer_ddp_gpt2(rank: int, world: int, tmp: str) -> dict[str, Any]:
     """GPT-2 (transformers Conv1D layers) through ABTrainer + DDP: 8 optimizer steps with
     gradient accumulation 2, clipping and eval; checkpoints at 4 (mid-AB phase) and 8. Then a
     second trainer resumes from checkpoint-4 and must end where the first one ended. Then
-    sync_now + merge + save_pretrained, reloaded with plain transformers."""
+    the final sync of train() + merge + save_pretrained, reloaded with plain transformers."""
     from transformers import AutoModelForSequenceClassification
 
     from ab_accel import merge
@@ -104,7 +105,8 @@ def trainer_ddp_gpt2(rank: int, world: int, tmp: str) -> dict[str, Any]:
     out["step_count"] = opt.step_count
     out["global_step"] = trainer.state.global_step
     out["log_history"] = trainer.state.log_history
-    out["traffic"] = opt.traffic.summary()
+    # The meter at the last optimizer step (train() then adds the final sync's bytes).
+    out["traffic"] = rec.steps[max(rec.steps)]["traffic"]
     out["ranks"] = opt.ranks
     out["ckpt4"] = sorted(os.listdir(os.path.join(tmp, "run_a", "checkpoint-4", "ab_training")))
     out["conv1d_layers"] = sorted(type(m).__name__ for n, m in trainer.model.named_modules()
@@ -115,10 +117,10 @@ def trainer_ddp_gpt2(rank: int, world: int, tmp: str) -> dict[str, Any]:
     resumed.train(resume_from_checkpoint=os.path.join(tmp, "run_a", "checkpoint-4"))
     out["resumed_steps"] = rec_b.steps
     out["resumed_step_count"] = resumed.ab_optimizer.step_count
-    out["resumed_traffic"] = resumed.ab_optimizer.traffic.summary()
+    out["resumed_traffic"] = rec_b.steps[max(rec_b.steps)]["traffic"]
 
-    # Export: reconcile the groups (training stopped inside an AB phase), merge, save.
-    out["final_sync_ran"] = opt.sync_now()
+    # Export: train() reconciled the groups (training stopped inside an AB phase); merge, save.
+    out["final_sync_ran"] = any(sw.final for sw in opt.switches)
     model = trainer.model.eval()
     x = TokenDataset(8, seed=3).ids
     with torch.no_grad():
