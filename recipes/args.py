@@ -1,14 +1,10 @@
-"""The knobs of the image recipes and how they are read (jsonargparse).
+"""The knobs of the recipes and how they are read: jsonargparse, over dataclasses.
 
-Defaults here < a config file (``--config file.yaml``; without one, the recipe's digits config, or
-its ImageNet config when ``--data_dir`` / ``--dataset_name`` is given) < the row of the paper's
-per-node schedule table in that file < the command line. ``--lr 1e-3``; inside the AB-training
-block, which is :class:`ab_accel.ABConfig` itself, ``--ab_training.sync_every 500``; inside the
-model's config fields ``--model.hidden_size 384``; lists as ``--image_mean [0.5,0.5,0.5]``.
-``--help`` lists every knob with its help text (the ``metadata["help"]`` of the fields).
-
-Everything is checked before anything heavy is loaded: a wrong key, type or value raises
-:class:`ConfigError`, which the recipes print as one line and exit with code 2.
+Defaults < a config file (``--config``; without one the recipe's digits config, or its ImageNet
+config when ``--data_dir`` / ``--dataset_name`` is given) < that file's row of the paper's
+per-node schedule < the command line: ``--lr 1e-3``, ``--ab_training.sync_every 500`` (the
+block is :class:`ab_accel.ABConfig` itself), ``--model.hidden_size 384``, ``--betas 0.9,0.95``.
+A wrong key, type or value raises :class:`ConfigError` before anything heavy is loaded.
 """
 
 import argparse
@@ -19,6 +15,7 @@ import json
 import logging
 import os
 import re
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,7 +23,7 @@ from typing import Any, Literal
 from jsonargparse import ActionConfigFile, ArgumentParser
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
-from ab_accel import ABConfig, ABConfigError
+from ab_accel import ABConfig, ABConfigError, support
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("recipes")
@@ -144,14 +141,23 @@ class Recipe:
 
 
 # ------------------------------------------------------------------------------- the parser
-def help_from_metadata(parser: ArgumentParser, cls: type, prefix: str = "") -> None:
-    """Show each dataclass field's ``metadata["help"]`` in --help (jsonargparse reads help from
-    docstrings only; the fields of ABConfig and of TrainingArguments carry it in metadata)."""
-    helps = {prefix + f.name: f.metadata["help"] for f in dataclasses.fields(cls)
-             if "help" in f.metadata}
+def make_parser(prog: str, description: str, *classes: type, **kwargs: Any) -> ArgumentParser:
+    """A jsonargparse parser over dataclasses, their fields at the top level, ``--no-ab`` a
+    flag, every field's ``metadata["help"]`` in --help (jsonargparse reads docstrings only)."""
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
+    for cls in classes:
+        parser.add_class_arguments(cls, as_group=False, **kwargs)
+    parser.add_argument("--no-ab", "--no_ab", dest="no_ab", action="store_true",
+                        help="Plain data parallel (DDP), everything else identical.")
+    helps = {f"{prefix}{f.name}": f.metadata["help"] for cls, prefix in [
+        *((c, "") for c in classes), (ABConfig, "ab_training.")] for f in dataclasses.fields(cls)
+        if "help" in f.metadata}
     for action in parser._actions:
-        if action.dest in helps:
-            action.help = helps[action.dest]
+        action.help = action.help or helps.get(action.dest)
+    for group in parser._action_groups:  # the nested ABConfig: its name, not its repr
+        if group.title == str(ABConfig):
+            group.title = "ab_training (ab_accel.ABConfig)"
+    return parser
 
 
 def did_you_mean(message: str, parser: ArgumentParser) -> str:
@@ -161,39 +167,37 @@ def did_you_mean(message: str, parser: ArgumentParser) -> str:
              or re.search(r"unrecognized arguments: --([\w.-]+)", message))
     if not match:
         return ""
-    key = ".".join(match.groups()).replace("-", "_")
-    block, _, name = key.rpartition(".")
+    block, _, name = ".".join(match.groups()).replace("-", "_").rpartition(".")
     known = [a.dest.rpartition(".")[2] for a in parser._actions
              if a.dest.rpartition(".")[0] == block]
     hint = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-    where = f" in {block}" if block else ""
-    return f" (unknown key {name!r}{where}" + (f": did you mean {hint[0]!r}?)" if hint else ")")
+    return (f" (unknown key {name!r}{f' in {block}' if block else ''}"
+            + (f": did you mean {hint[0]!r}?)" if hint else ")"))
 
 
-def build_parser(recipe: Recipe, cls: type = TrainArgs) -> ArgumentParser:
-    parser = ArgumentParser(prog=f"{recipe.name}.py", exit_on_error=False,
-                            description=f"{recipe.name} image classification with AB-training "
-                                        f"(arXiv 2405.01067); see docs/recipes.md.")
-    parser.add_argument("--config", action=ActionConfigFile,
-                        help=f"A YAML file of knobs (configs/). Default: {recipe.digits_config}, "
-                             f"or {recipe.imagenet_config} when a data argument is given.")
-    parser.add_class_arguments(cls, as_group=False, skip={"no_ab", "config"})
-    parser.add_argument("--no-ab", "--no_ab", dest="no_ab", action="store_true",
-                        help=cls.__dataclass_fields__["no_ab"].metadata["help"])
-    parser.set_defaults(model_type=recipe.model_type, model=recipe.model,
-                        output_dir=f"runs/{recipe.name}")
-    help_from_metadata(parser, cls)
-    help_from_metadata(parser, ABConfig, prefix="ab_training.")
-    return parser
+def parse_argv(parser: ArgumentParser, argv: list[str], lists: tuple[str, ...] = ()) -> Any:
+    """parser.parse_args; ``a,b,c`` after an option in ``lists`` reads as the list [a,b,c]."""
+    argv = [f"[{a}]" if i and argv[i - 1].startswith(lists) and "," in a
+            and not a.startswith("[") else a for i, a in enumerate(argv)]
+    try:
+        return parser.parse_args(argv)
+    except argparse.ArgumentError as exc:  # what jsonargparse raises (exit_on_error=False)
+        raise ConfigError(str(exc).strip() + did_you_mean(str(exc), parser)) from None
 
 
 def parse(recipe: Recipe, argv: Sequence[str], world_size: int | None = None) -> TrainArgs:
-    """The knobs of a run: defaults, the config file, the paper's row for this many nodes, argv.
-
-    ``world_size``: processes in the run (None: $WORLD_SIZE, set by the launcher), which picks
-    the row of ``ab_schedule_by_nodes`` when ``nodes`` is auto.
-    """
-    parser = build_parser(recipe)
+    """The knobs of a run. ``world_size``: processes in the run (None: $WORLD_SIZE, set by the
+    launcher), which picks the row of ``ab_schedule_by_nodes`` when ``nodes`` is auto."""
+    parser = make_parser(f"{recipe.name}.py", f"{recipe.name} image classification with "
+                         f"AB-training (arXiv 2405.01067); see docs/recipes.md.", TrainArgs,
+                         skip={"no_ab", "config"})
+    parser.add_argument("--config", action=ActionConfigFile, help=f"A YAML file of knobs. "
+                        f"Default: {recipe.digits_config}; with a data argument "
+                        f"{recipe.imagenet_config}.")
+    parser.set_defaults(model_type=recipe.model_type, model=recipe.model,
+                        output_dir=f"runs/{recipe.name}")
+    lists = tuple(f"--{f.name}" for f in dataclasses.fields(TrainArgs)
+                  if typing.get_origin(f.type) in (list, tuple)) + ("--model.",)
     argv = [p for a in argv for p in (a.split("=", 1) if a.startswith("--config=") else [a])]
     if "--config" not in argv:
         data = any(a.split("=")[0] in ("--data_dir", "--dataset_name") for a in argv)
@@ -203,41 +207,36 @@ def parse(recipe: Recipe, argv: Sequence[str], world_size: int | None = None) ->
     in_repo = os.path.join(REPO_DIR, config or "")  # configs/x.yaml from any working directory
     if config and not os.path.exists(config) and os.path.exists(in_repo):
         argv[last] = in_repo
+    ns = parse_argv(parser, argv, lists)
+    if ns.ab_schedule_by_nodes:  # the row goes between the config file and the command line
+        row = _nodes_row(ns, config, recipe, world_size)
+        ns = parse_argv(parser, argv[:last + 1] + ["--config", json.dumps(row)]
+                        + argv[last + 1:], lists)
     try:
-        ns = parser.parse_args(argv)
-        if ns.ab_schedule_by_nodes:  # the row goes between the config file and the command line
-            argv[last + 1:last + 1] = ["--config", json.dumps(_nodes_row(ns, config, recipe,
-                                                                         world_size))]
-            ns = parser.parse_args(argv)
         values = parser.instantiate(ns).as_dict()
         values.pop("__path__", None)
         args = TrainArgs(**{**values, "config": config})
-        from ab_accel.support import check_mixed_precision
-
-        check_mixed_precision(args.mixed_precision)
+        support.check_mixed_precision(args.mixed_precision)  # fp16, fp8: refused, with the fix
     except ABConfigError as exc:
         raise ConfigError(str(exc)) from None
-    except argparse.ArgumentError as exc:  # what jsonargparse raises (exit_on_error=False)
-        raise ConfigError(str(exc).strip() + did_you_mean(str(exc), parser)) from None
     return args
 
 
 def _nodes_row(ns: Any, config: str | None, recipe: Recipe, world_size: int | None
                ) -> dict[str, Any]:
     table, nodes = ns.ab_schedule_by_nodes, ns.nodes
-    if nodes == "auto":
-        world = world_size if world_size is not None else launched_world_size()
-        if world % ns.gpus_per_node:
-            raise ConfigError(
-                f"{config}: the schedule table is per number of nodes of {ns.gpus_per_node} "
-                f"processes (gpus_per_node), but this run has {world} processes. Pick a row "
-                f"with --nodes N (rows: {sorted(table)}), or set --gpus_per_node.")
-        nodes = world // ns.gpus_per_node
+    world = world_size if world_size is not None else launched_world_size()
+    small = "" if config != recipe.imagenet_config else (
+        f" (A data argument without --config reads {config}: {recipe.imagenet_note}. For a "
+        f"small data set or machine start from --config {recipe.digits_config} and set "
+        f"--image_size, --image_mean, --image_std, --model.* and --batch_size.)")
+    if nodes == "auto" and world % ns.gpus_per_node:
+        raise ConfigError(
+            f"{config}: the schedule table is per number of nodes of {ns.gpus_per_node} "
+            f"processes (gpus_per_node), but this run has {world} processes. Pick a row with "
+            f"--nodes N (rows: {sorted(table)}), or set --gpus_per_node.{small}")
+    nodes = world // ns.gpus_per_node if nodes == "auto" else nodes
     if nodes not in table:
-        small = "" if config != recipe.imagenet_config else (
-            f" A data argument without --config reads {config}: {recipe.imagenet_note}. For a "
-            f"small data set or machine start from --config {recipe.digits_config} and set "
-            f"--image_size, --image_mean, --image_std, --model.* and --batch_size.")
         raise ConfigError(
             f"{config}: the paper's schedule has no row for {nodes} node(s) (rows: "
             f"{sorted(table)}). Pick one with --nodes N, or set the schedule with "

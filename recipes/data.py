@@ -1,12 +1,10 @@
-"""Images for the recipes: a folder tree (datasets' imagefolder), a hub dataset, or sklearn's
+"""Images for the recipes: a folder tree (datasets' imagefolder), a hub dataset or sklearn's
 digits; torchvision transforms; unreadable files skipped.
 
 An image that cannot be decoded (a truncated JPEG, a file that is not an image) becomes a black
 image with label ``IGNORE_INDEX``, which the loss and the metrics leave out, so every rank keeps
-the same batch shape and the same number of steps. Each such image is warned about once, by
-:class:`UnreadableImages`, and counted once however many epochs see it.
-
-Heavy libraries (datasets, torchvision, PIL) are imported inside the functions.
+the same batch shape and number of steps. It is warned about once and counted once, however
+many epochs and ranks meet it (:class:`UnreadableImages`).
 """
 
 from __future__ import annotations
@@ -20,9 +18,7 @@ from typing import Any
 
 from args import ConfigError, DataArgs
 
-#: Label of an image that could not be read: ignored by the loss and by the metrics.
-IGNORE_INDEX = -100
-EVAL_SPLITS = ("validation", "val", "valid", "test")
+IGNORE_INDEX = -100  # the label of an unreadable image: ignored by the loss and the metrics
 logger = logging.getLogger("recipes")
 
 
@@ -43,29 +39,10 @@ def check_data_dir(data_dir: str) -> None:
             raise ConfigError(f"{folder!r} holds no class folders: {layout}.")
 
 
-def digits() -> Any:
-    """sklearn's digits (1,797 real 8x8 grey images, 10 classes) as a `datasets` split, the
-    values 0..16 scaled to 8-bit PIL images so they go through the folder path's transforms."""
-    import datasets
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = [Image.fromarray((im * (255.0 / 16.0)).round().astype(np.uint8))
-              for im in data.images]
-    features = datasets.Features({"image": datasets.Image(),
-                                  "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
-    return datasets.Dataset.from_dict({"image": images, "label": data.target.tolist()},
-                                      features=features)
-
-
 def load_splits(args: DataArgs) -> tuple[Any, Any, str]:
-    """(train, eval, description): `datasets` splits with columns image (not decoded) and label.
-
-    Digits: a fixed stratified 80/20 split (1,437 / 360). Data without an evaluation split:
-    ``validation_split`` of train held out (stratified, ``seed``).
-    """
+    """(train, eval, description): `datasets` splits with columns image (not decoded: a bad file
+    is met where it can be named) and label. Digits: a fixed stratified 80/20 split (1,437 /
+    360). Data without an eval split: ``validation_split`` of train held out (stratified)."""
     import datasets
 
     if args.data_dir:
@@ -76,12 +53,22 @@ def load_splits(args: DataArgs) -> tuple[Any, Any, str]:
                                    cache_dir=args.cache_dir)
         desc = f"hub dataset {args.dataset_name}"
     else:
-        ds = digits().train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
+        import numpy as np
+        from PIL import Image
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()  # 8x8 images, values 0..16: 8-bit images, the folder path's way
+        ds = datasets.Dataset.from_dict(
+            {"image": [Image.fromarray((im * (255 / 16)).round().astype(np.uint8))
+                       for im in digits.images], "label": digits.target.tolist()},
+            features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(
+                names=[str(i) for i in range(10)])})
+        ).train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
         desc = ("sklearn digits (no --data_dir or --dataset_name given): 1,797 real 8x8 grey "
                 "images shipped with scikit-learn (load_digits), 10 classes")
         args = dataclasses.replace(args, train_split="train", eval_split="test")
     name = args.eval_split if args.eval_split != "auto" else next(
-        (s for s in EVAL_SPLITS if s in ds), None)
+        (s for s in ("validation", "val", "valid", "test") if s in ds), None)
     for split in (args.train_split, name):
         if split is not None and split not in ds:
             raise ConfigError(f"{desc} has no split {split!r} (it has {list(ds)}): set "
@@ -93,28 +80,25 @@ def load_splits(args: DataArgs) -> tuple[Any, Any, str]:
         train, evals, name = held["train"], held["test"], f"{args.validation_split:.0%} of train"
     else:
         evals = _columns(ds[name], args)
-    if args.max_train_samples:
-        train = train.select(range(min(args.max_train_samples, len(train))))
-    if args.max_eval_samples:
-        evals = evals.select(range(min(args.max_eval_samples, len(evals))))
+    train = train.select(range(min(args.max_train_samples or len(train), len(train))))
+    evals = evals.select(range(min(args.max_eval_samples or len(evals), len(evals))))
     return train, evals, f"{desc}: {len(train)} train / {len(evals)} eval ({name})"
 
 
 def _columns(ds: Any, args: DataArgs) -> Any:
-    """Columns image and label; images left undecoded (decoded where a bad file can be named)."""
     import datasets
 
-    def pick(knob: str, value: str, options: tuple[str, ...]) -> str:
+    picked = []
+    for knob, options in (("image_column", ("image", "img", "pixel_values")),
+                          ("label_column", ("label", "labels", "fine_label"))):
+        value = getattr(args, knob)
         name = next((c for c in options if c in ds.column_names), None) if value == "auto" \
             else value
         if name not in ds.column_names:
             raise ConfigError(f"No {knob} among the columns {ds.column_names}: set --{knob}.")
-        return name
-
-    image = pick("image_column", args.image_column, ("image", "img", "pixel_values"))
-    label = pick("label_column", args.label_column, ("label", "labels", "fine_label"))
-    ds = ds.select_columns([image, label]).rename_columns(
-        {k: v for k, v in ((image, "image"), (label, "label")) if k != v})
+        picked.append(name)
+    ds = ds.select_columns(picked).rename_columns(
+        {k: v for k, v in zip(picked, ("image", "label"), strict=True) if k != v})
     if not isinstance(ds.features["label"], datasets.ClassLabel):
         raise ConfigError(f"The label column must be a ClassLabel (class names); got "
                           f"{ds.features['label']}.")
@@ -128,27 +112,26 @@ def class_names(ds: Any) -> list[str]:
 def image_transform(size: int, mean: list[float], std: list[float], train: bool = False,
                     crop_scale: tuple[float, float] = (0.08, 1.0), hflip: bool = True,
                     eval_crop_ratio: float = 1.0) -> Any:
-    """torchvision.transforms.v2, the standard ImageNet recipe: random resized crop and flip
-    for training; resize to size / eval_crop_ratio and center crop for evaluation."""
+    """torchvision.transforms.v2, the ImageNet recipe: random resized crop and flip for
+    training; resize to size / eval_crop_ratio and center crop for evaluation."""
     import torch
     from torchvision.transforms import v2
 
     if train:
-        ops = [v2.ToImage(), v2.RandomResizedCrop(size, scale=crop_scale, antialias=True)]
-        ops += [v2.RandomHorizontalFlip()] if hflip else []
+        ops = [v2.RandomResizedCrop(size, scale=crop_scale)] + ([v2.RandomHorizontalFlip()]
+                                                                 if hflip else [])
     else:
-        ops = [v2.ToImage(), v2.Resize(round(size / eval_crop_ratio), antialias=True),
-               v2.CenterCrop(size)]
-    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+        ops = [v2.Resize(round(size / eval_crop_ratio)), v2.CenterCrop(size)]
+    return v2.Compose([v2.ToImage(), *ops, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(mean, std)])
 
 
 class ImageDataset:
     """A `datasets` split as {pixel_values, labels, index}, decoded and transformed on the fly.
 
     Augmentation is a pure function of (seed, epoch, index): each sample's transform runs under
-    its own RNG seed, so a resumed run (or any number of DataLoader workers) sees the same crops
-    and flips. ``index`` lets :class:`UnreadableImages` name a bad file; with ``warn`` the
-    dataset warns itself, once per image in this process (finetune.py, no gathering).
+    its own RNG seed, so a resumed run (or any number of DataLoader workers) sees the same crops.
+    With ``warn`` the dataset warns itself, once per image and process (finetune.py).
     """
 
     def __init__(self, ds: Any, transform: Callable, num_channels: int, size: int,
@@ -185,8 +168,6 @@ def open_image(entry: Any) -> Any:
     """A PIL image from a `datasets` Image entry (path and/or bytes), fully decoded."""
     from PIL import Image
 
-    if isinstance(entry, Image.Image):
-        return entry
     image = Image.open(io.BytesIO(entry["bytes"]) if entry.get("bytes") else entry["path"])
     image.load()  # decode now: a truncated file fails here, not later in the transform
     return image
@@ -198,18 +179,14 @@ def warn_unreadable(entry: Any, index: int, exc: BaseException | None = None) ->
             open_image(entry)
         except (OSError, ValueError, SyntaxError) as again:
             exc = again
-    where = entry.get("path") if isinstance(entry, dict) else None
     logger.warning("skipping unreadable image %s (%s: %s); it is left out of the loss and the "
-                   "metrics", where or f"row {index}", type(exc).__name__, exc)
+                   "metrics", entry.get("path") or f"row {index}", type(exc).__name__, exc)
 
 
 class UnreadableImages:
-    """The images of one split that could not be read: one warning and one count per image.
-
-    :meth:`add` takes a batch's ``index`` and ``labels``; :meth:`flush` (collective when
-    ``gather`` is accelerate's ``gather_object``) warns, on the main process, about the images
-    no rank had reported before.
-    """
+    """The unreadable images of one split, warned about and counted once: :meth:`add` takes a
+    batch's index and labels; :meth:`flush` (collective with accelerate's ``gather_object``)
+    warns on the main process about the images no rank had reported before."""
 
     def __init__(self, dataset: ImageDataset) -> None:
         self.dataset, self.new, self.seen = dataset, set(), set()
@@ -219,8 +196,7 @@ class UnreadableImages:
 
     def flush(self, gather: Callable[[list], list], main: bool) -> None:
         new = {i for part in gather([sorted(self.new)]) for i in part} - self.seen
-        self.new.clear()
-        self.seen |= new
+        self.new, self.seen = set(), self.seen | new
         for index in sorted(new) if main else ():
             warn_unreadable(self.dataset.ds[index]["image"], index)
 
@@ -233,13 +209,11 @@ class UnreadableImages:
 
 def loaders(train: ImageDataset, evals: ImageDataset, batch_size: int, num_workers: int,
             pin_memory: bool) -> tuple[Any, Any]:
-    """Train and eval DataLoaders (sharded over the ranks by prepare). drop_last: every step
-    sees a full batch on every rank, and the steps per epoch are known."""
+    """DataLoaders (sharded by prepare). drop_last: every step sees a full batch on every rank."""
     from torch.utils.data import DataLoader
 
-    kw: dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin_memory}
-    if num_workers:
-        kw["prefetch_factor"] = 4
+    kw: dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin_memory,
+                          "prefetch_factor": 4 if num_workers else None}
     train_dl = DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=True, **kw)
     if len(train_dl) == 0:
         raise ConfigError(f"The training set ({len(train)} images) is smaller than one "

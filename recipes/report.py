@@ -197,6 +197,15 @@ def log_start(args: Any, accelerator: Any, model: Any, ab_opt: Any, total_steps:
                 f" ... ({len(spans)} spans)" if len(spans) > 7 else "")
 
 
+def ranks_and_compression(model: Any) -> dict[str, Any]:
+    """The AB layers' ranks and ab_accel.compression(model), before the merge."""
+    from ab_accel import compression
+    from ab_accel.model import ab_layers
+
+    return {"ranks": {name: layer.rank for name, layer in ab_layers(model)},
+            "compression": compression(model)}
+
+
 def export_merged(model: Any, eval_ds: Any, args: Any, accelerator: Any) -> dict[str, Any]:
     """Merge the AB layers into dense ones (every rank: they hold one model now), check that
     the merged model gives the AB model's logits on a probe batch, save_pretrained (main
@@ -231,8 +240,8 @@ def summarize(*, recipe: str, args: Any, ab_opt: Any, record: RunLog, per_rank: 
               skipped: dict[str, int]) -> dict[str, Any]:
     """summary.json (written once, main process), the printed lines, and plot.png."""
     switches = [w.to_dict() for w in ab_opt.switches] if ab_opt else []
-    wire, dp = sum(t["wire_bytes"] for t in per_rank), sum(
-        t.get("dp_equivalent_wire_bytes", 0.0) for t in per_rank)
+    wire = sum(t["wire_bytes"] for t in per_rank)
+    dp = sum(t.get("dp_equivalent_wire_bytes", 0.0) for t in per_rank)
     by_phase: dict[str, float] = {}
     for t in per_rank:
         for phase, value in t.get("wire_bytes_by_phase", {}).items():
@@ -240,18 +249,17 @@ def summarize(*, recipe: str, args: Any, ab_opt: Any, record: RunLog, per_rank: 
     s: dict[str, Any] = {
         "recipe": recipe, "data": data, "ab": ab_opt is not None, "ranks": len(per_rank),
         "data_short": os.path.basename(os.path.normpath(args.data_dir)) if args.data_dir
-        else args.dataset_name or "digits", "steps": record.step, "epochs": record.epoch,
+        else args.dataset_name or "digits", "steps": record.step,
         "accuracy": {"top1": final["top1"], "top5": final["top5"], "count": final["count"],
-                     "of": "the exported (merged) model",
-                     "best_epoch_top1": max((e["top1"] for e in record.evals), default=None)},
+                     "of": "the exported (merged) model"},
         "traffic": {"wire_bytes": wire, "bytes": sum(t["bytes"] for t in per_rank),
                     "wire_bytes_by_phase": by_phase, "per_rank": per_rank,
-                    "what": "ring estimate of the bytes all ranks sent: 2(g-1)/g of an "
-                            "all-reduce's payload over g ranks, summed over the ranks"},
+                    "what": "ring estimate of the bytes all ranks sent (2(g-1)/g of an "
+                            "all-reduce's payload over g ranks), summed over the ranks"},
         "wall_time_s": wall_time_s, "train_time_s": record.elapsed, "export": export,
-        "skipped_images": skipped,
+        "skipped_images": skipped, "switches": switches,
         "phases": ab_opt.schedule.describe(record.step) if ab_opt else [("dp", 0, record.step)],
-        "switches": switches, "sync_steps": [w["step"] for w in switches if w["event"] == "sync"],
+        "sync_steps": [w["step"] for w in switches if w["event"] == "sync"],
         "bytes_per_step": {"wire": record.wire},
         "history": {"train": record.train, "eval": record.evals},
         "config": dataclasses.asdict(args), "plot": os.path.join(args.output_dir, "plot.png")}
@@ -265,27 +273,31 @@ def summarize(*, recipe: str, args: Any, ab_opt: Any, record: RunLog, per_rank: 
         plan = ab_opt.groups.plan
         s.update(ab_config=ab_opt.config.to_dict(), group_size=plan.group_size,
                  groups=[list(g) for g in plan.groups], roles=[str(r) for r in plan.roles],
-                 layer_ranks=facts[-1]["ranks"] if facts else {},
-                 layer_ranks_at_end=at_end["ranks"])
-        s["compression"] = {
-            "ratio": last.get("ratio", 1.0), "factorized_ratio": last.get("factorized_ratio", 1.0),
-            "params_dense": last.get("params_dense"), "params_ab": last.get("params_now"),
-            "of": f"dense / AB parameter count after the last factorization (step "
-                  f"{facts[-1]['step']})" if facts else "no factorization happened",
-            "at_end": {k: at_end["compression"][k] for k in ("ratio", "factorized_ratio")},
-            "per_factorization": [{"step": w["step"], **w["compression"], "mean_rank": sum(
-                w["ranks"].values()) / max(1, len(w["ranks"]))} for w in facts]}
+                 layer_ranks_at_end=at_end["ranks"], compression={
+                     "ratio": last.get("ratio", 1.0),
+                     "factorized_ratio": last.get("factorized_ratio", 1.0),
+                     "params_dense": last.get("params_dense"), "params_ab": last.get("params_now"),
+                     "of": f"parameter count, dense / AB, after the last factorization (step "
+                           f"{facts[-1]['step']})" if facts else "no factorization happened",
+                     "at_end": at_end["compression"]["ratio"]})
         s["bytes_per_step"]["dp_equivalent_wire"] = record.dp_wire
     if args.baseline_run:
         base = read_summary(args.baseline_run)
-        s["baseline"] = {"top1": base["accuracy"]["top1"], "top5": base["accuracy"]["top5"],
-                         "wire_bytes": base["traffic"]["wire_bytes"], "steps": base["steps"],
-                         "ranks": base["ranks"]}
-        if (base["steps"], base["ranks"]) == (s["steps"], s["ranks"]) and base["traffic"][
-                "wire_bytes"]:
+        s["baseline"] = {k: base[k] for k in ("steps", "ranks")}
+        s["baseline"].update(top1=base["accuracy"]["top1"], wire_bytes=base["traffic"][
+            "wire_bytes"])
+        if (base["steps"], base["ranks"]) == (s["steps"], s["ranks"]) and wire:
             s["baseline"]["measured_reduction"] = 1.0 - wire / base["traffic"]["wire_bytes"]
     write_json(os.path.join(args.output_dir, "summary.json"), s)
-    print_summary(s)
+    c, t = s.get("compression"), s["traffic"]
+    print(f"== {recipe} on {s['data_short']}: {s['ranks']} ranks, {s['steps']} steps, "
+          f"{wall_time_s:.0f} s; top-1 {final['top1']:.4f} (the exported merged model); "
+          f"{wire / 2**20:.2f} MiB sent (ring estimate, all ranks, {per_rank[0]['measured_by']})"
+          + (f", {100 * t['reduction_vs_dp']:.1f}% less than DP's exact count for the same "
+             f"steps" if dp else "")
+          + (f"; compression {c['factorized_ratio']:.2f}:1 on the factorized layers "
+             f"({c['of']})" if c else "") + f"; summary {args.output_dir}/summary.json",
+          flush=True)
     try:  # drawn from the file just written, by recipes/plot.py
         import plot
 
@@ -310,27 +322,3 @@ def write_json(path: str, data: Any) -> None:
     with open(path + ".tmp", "w") as fh:
         json.dump(data, fh, indent=2, default=str)
     os.replace(path + ".tmp", path)
-
-
-def print_summary(s: dict[str, Any]) -> None:
-    acc, t = s["accuracy"], s["traffic"]
-    lines = [f"== {s['recipe']} on {s['data_short']}: {s['ranks']} ranks, {s['steps']} steps, "
-             f"{s['wall_time_s']:.0f} s",
-             f"   accuracy of the exported (merged) model: top-1 {acc['top1']:.4f}, " + (
-                 f"top-5 {acc['top5']:.4f}" if acc["top5"] is not None else acc["top5_note"]),
-             f"   traffic: {t['wire_bytes'] / 2**20:.2f} MiB, the ring estimate of what all "
-             f"ranks sent ({t['per_rank'][0]['measured_by']})"]
-    if "reduction_vs_dp" in t:
-        lines.append(f"   DP would send {t['dp_equivalent_wire_bytes'] / 2**20:.2f} MiB for the "
-                     f"same steps (exact count): {100 * t['reduction_vs_dp']:.1f}% less")
-    if "compression" in s:
-        c = s["compression"]
-        lines.append(f"   compression: {c['factorized_ratio']:.2f}:1 on the factorized layers, "
-                     f"{c['ratio']:.2f}:1 on the whole model ({c['of']})")
-    if "measured_reduction" in (s.get("baseline") or {}):
-        lines.append(f"   against the measured --no-ab run: "
-                     f"{100 * s['baseline']['measured_reduction']:.1f}% less traffic")
-    e = s["export"]
-    lines.append(f"   export: {e['dir']} (max |logit diff| AB vs merged "
-                 f"{e['max_abs_logit_diff_ab_vs_merged']:.2e}, {e['final_sync']})")
-    print("\n".join(lines), flush=True)

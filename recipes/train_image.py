@@ -1,15 +1,10 @@
 """The one training loop of recipes/vit.py and recipes/resnet.py: image classification with
 AB-training (Coquelin et al., arXiv 2405.01067) under `accelerate launch`.
 
-It reads top to bottom like Accelerate's complete_cv_example.py: knobs, Accelerator, data,
-model, optimizer, LR schedule, prepare, the loop, evaluation, checkpoints, the end. Against a
-plain Accelerate loop the AB-training change is one line, ``ab_accel.prepare`` in place of
-``accelerator.prepare``; at the end ``ABOptimizer.finalize()`` makes the groups hold one model
-and ``ab_accel.merge`` exports it as plain dense layers.
-
-Libraries do what is not AB-specific: jsonargparse the knobs (args.py), torch's schedulers the
-learning rate, ``gather_for_metrics`` the evaluation, Accelerate's trackers the logs (report.py),
-transformers' Auto classes the model, datasets and torchvision the data (data.py).
+It reads like Accelerate's complete_cv_example.py: knobs, Accelerator, data, model, optimizer,
+prepare, LR schedule, the loop, evaluation, checkpoints, the end. The AB-training change is one
+line, ``ab_accel.prepare`` in place of ``accelerator.prepare``, and at the end
+``ABOptimizer.finalize()`` (the groups hold one model) and ``ab_accel.merge`` (a plain export).
 """
 
 from __future__ import annotations
@@ -22,15 +17,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from args import (ConfigError, Recipe, TrainArgs, ab_config, deepspeed_launch, launched_world_size,
-                  parse)
+from args import ConfigError, Recipe, TrainArgs, ab_config, deepspeed_launch, launched_world_size
+from args import parse as parse_args
 from data import (IGNORE_INDEX, ImageDataset, UnreadableImages, check_data_dir, class_names,
                   image_transform, load_splits, loaders)
 
 from ab_accel import ABConfigError
 
 logger = logging.getLogger("recipes")
-SET_BY_RECIPE = ("image_size", "num_channels", "num_labels", "id2label", "label2id")
 
 
 def check_model_keys(model_type: str, values: dict[str, Any]) -> None:
@@ -39,12 +33,10 @@ def check_model_keys(model_type: str, values: dict[str, Any]) -> None:
 
     from transformers import CONFIG_MAPPING
 
-    if model_type not in CONFIG_MAPPING:
-        raise ConfigError(f"model_type {model_type!r} is not a transformers model type.")
     cls = CONFIG_MAPPING[model_type]
     known = set(cls().to_dict())
     for key in values:
-        if key in SET_BY_RECIPE:
+        if key in ("image_size", "num_channels", "num_labels", "id2label", "label2id"):
             raise ConfigError(f"model.{key} is set by the recipe (image_size and image_mean at "
                               f"the top level, the labels from the data): remove it.")
         if key not in known:
@@ -54,13 +46,13 @@ def check_model_keys(model_type: str, values: dict[str, Any]) -> None:
 
 
 def build_model(args: TrainArgs, labels: list[str]) -> Any:
-    """From AutoConfig.for_model(model_type, **model) (from scratch) or from_pretrained."""
+    """AutoConfig.for_model(model_type, **model) from scratch, or from_pretrained (a new head)."""
     from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForImageClassification
 
     id2label = dict(enumerate(labels))
     heads = {"num_labels": len(labels), "id2label": id2label,
              "label2id": {name: i for i, name in id2label.items()}}
-    if args.model_name_or_path:  # a new head for these classes
+    if args.model_name_or_path:
         model = AutoModelForImageClassification.from_pretrained(
             args.model_name_or_path, ignore_mismatched_sizes=True, **heads)
         size = getattr(model.config, "image_size", args.image_size)
@@ -68,11 +60,10 @@ def build_model(args: TrainArgs, labels: list[str]) -> Any:
             raise ConfigError(f"{args.model_name_or_path} was trained on {size}px images but "
                               f"image_size is {args.image_size}: pass --image_size {size}.")
     else:
-        sized = "image_size" in CONFIG_MAPPING[args.model_type]().to_dict()
-        config = AutoConfig.for_model(args.model_type, num_channels=len(args.image_mean),
-                                      **heads, **({"image_size": args.image_size} if sized
-                                                  else {}), **args.model)
-        model = AutoModelForImageClassification.from_config(config)
+        if "image_size" in CONFIG_MAPPING[args.model_type]().to_dict():
+            heads["image_size"] = args.image_size
+        model = AutoModelForImageClassification.from_config(AutoConfig.for_model(
+            args.model_type, num_channels=len(args.image_mean), **heads, **args.model))
     if model.config.num_channels != len(args.image_mean):
         raise ConfigError(f"the model takes {model.config.num_channels}-channel images but "
                           f"image_mean has {len(args.image_mean)} values: one per channel.")
@@ -80,23 +71,20 @@ def build_model(args: TrainArgs, labels: list[str]) -> Any:
 
 
 def make_accelerator(args: TrainArgs, trackers: list[Any]) -> Any:
-    """CPU (gloo) when no CUDA device is visible; a seeded sampler; the trackers."""
+    """CPU (gloo) when no CUDA device is visible, a seeded sampler, the trackers, quiet logs."""
+    import datasets
     import torch
+    import transformers
     from accelerate import Accelerator
     from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs,
                                   ProjectConfiguration)
 
-    import datasets
-    import transformers
-
     cpu = not torch.cuda.is_available() if args.cpu == "auto" else args.cpu
-    if not torch.cuda.is_available():  # accelerate's unwrap_model imports deepspeed when it is
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # installed: skip its "no GPU" warning
-    datasets.disable_progress_bars()  # quiet logs: tqdm shows the training steps only
-    transformers.utils.logging.disable_progress_bar()
     handlers = []
     if deepspeed_launch():  # Accelerator(cpu=True) would turn DeepSpeed off: gloo by kwargs
         handlers, cpu = ([InitProcessGroupKwargs(backend="gloo")] if cpu else []), False
+    if not torch.cuda.is_available():  # accelerate's unwrap_model imports deepspeed when it is
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # installed: no "no GPU found" warning
     accelerator = Accelerator(
         cpu=cpu, kwargs_handlers=handlers, mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps, log_with=trackers,
@@ -109,24 +97,25 @@ def make_accelerator(args: TrainArgs, trackers: list[Any]) -> Any:
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     for noisy in ("datasets", "transformers", "accelerate", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    datasets.disable_progress_bars()  # one progress bar: the training steps
+    transformers.utils.logging.disable_progress_bar()
     os.makedirs(args.output_dir, exist_ok=True)
     return accelerator
 
 
 def lr_schedule(optimizer: Any, total_steps: int, warmup_steps: int, lr_start: float,
                 min_lr: float) -> Any:
-    """Linear warm-up from lr_start to the optimizer's lr over warmup_steps, then cosine to
-    min_lr at total_steps: torch's SequentialLR(LinearLR, CosineAnnealingLR). Stepped once per
-    optimizer step (not prepared by Accelerate, whose wrapper steps it once per process);
-    AB-training's LR rebound multiplies it inside ABOptimizer.step()."""
+    """Linear warm-up from lr_start to the optimizer's lr, then cosine to min_lr at total_steps:
+    torch's SequentialLR(LinearLR, CosineAnnealingLR), stepped once per optimizer step (not
+    prepared: Accelerate's wrapper would step it once per process). AB-training's LR rebound
+    multiplies it inside ABOptimizer.step()."""
     from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
     cosine = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=min_lr)
     if not warmup_steps:
         return cosine
-    peak = optimizer.param_groups[0]["lr"]
-    warm = LinearLR(optimizer, start_factor=min(1.0, max(lr_start / peak, 1e-12)),
-                    total_iters=warmup_steps)
+    start = min(1.0, max(lr_start / optimizer.param_groups[0]["lr"], 1e-12))
+    warm = LinearLR(optimizer, start_factor=start, total_iters=warmup_steps)
     return SequentialLR(optimizer, [warm, cosine], milestones=[warmup_steps])
 
 
@@ -138,9 +127,9 @@ def top_k_hits(ranked: Any, labels: Any) -> tuple[int, int]:
 
 def evaluate(model: Any, loader: Any, accelerator: Any, num_labels: int,
              unreadable: UnreadableImages, k: int = 5) -> dict[str, Any]:
-    """Top-1 and top-k over the whole eval set: each rank runs its shard, gather_for_metrics
+    """Top-1 and top-k of the whole eval set: each rank runs its shard, gather_for_metrics
     collects the predictions (without the last batch's padding). Top-k is not reported when
-    k >= the number of classes: it would be 1.0 by construction."""
+    k >= the number of classes (it would be 1.0 by construction)."""
     import torch
     from accelerate.utils import gather_object
 
@@ -148,8 +137,8 @@ def evaluate(model: Any, loader: Any, accelerator: Any, num_labels: int,
     model.eval()
     with torch.no_grad():
         for batch in loader:
-            logits = model(pixel_values=batch["pixel_values"]).logits
-            ranked = logits.topk(min(k, num_labels), dim=-1).indices
+            ranked = model(pixel_values=batch["pixel_values"]).logits.topk(
+                min(k, num_labels), dim=-1).indices
             ranked, labels = accelerator.gather_for_metrics((ranked, batch["labels"]))
             unreadable.add(batch["index"], batch["labels"])
             keep = labels != IGNORE_INDEX
@@ -161,28 +150,15 @@ def evaluate(model: Any, loader: Any, accelerator: Any, num_labels: int,
             else None, "count": count, "skipped": len(unreadable.seen)}
 
 
-def same_init_without_ab(model: Any, config: Any) -> None:
-    """--no-ab with orthogonal_init: give the plain model the initial weights the AB run starts
-    from (convert, then merge back), so that the two runs differ only in AB-training."""
-    import torch
-
-    from ab_accel import convert, merge
-
-    if config.enabled or not config.orthogonal_init:
-        return
-    with torch.random.fork_rng(devices=[]):  # merge builds new layers: keep the RNG stream
-        merge(convert(model, dataclasses.replace(config, enabled=True)))
-
-
-def resolve_checkpoint(args: TrainArgs) -> str | None:
-    path = args.resume_from_checkpoint
+def checkpoint_dir(args: TrainArgs) -> str | None:
+    """--resume_from_checkpoint: a folder, or latest (the last step_N in output_dir)."""
+    path, folder = args.resume_from_checkpoint, os.path.join(args.output_dir, "checkpoints")
     if path == "latest":
-        folder = os.path.join(args.output_dir, "checkpoints")
-        steps = sorted((int(d.split("_")[-1]), d) for d in os.listdir(folder)
-                       if d.startswith("step_")) if os.path.isdir(folder) else []
+        steps = sorted(int(d[5:]) for d in os.listdir(folder) if d.startswith("step_")) \
+            if os.path.isdir(folder) else []
         if not steps:
             raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {folder}.")
-        path = os.path.join(folder, steps[-1][1])
+        path = os.path.join(folder, f"step_{steps[-1]}")
     if path and not os.path.isdir(path):
         raise ConfigError(f"--resume_from_checkpoint {path!r} does not exist.")
     return path
@@ -190,11 +166,10 @@ def resolve_checkpoint(args: TrainArgs) -> str | None:
 
 def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     # ---- knobs: every check that needs no heavy import runs first
-    args = parse(recipe, argv)
+    args = parse_args(recipe, argv)
     if args.data_dir:
         check_data_dir(args.data_dir)
-    resume_dir = resolve_checkpoint(args)
-    from_scratch = not args.model_name_or_path
+    resume_dir, from_scratch = checkpoint_dir(args), not args.model_name_or_path
     ab_config(args, launched_world_size(), from_scratch)  # groups that fit the launched world
     if from_scratch:
         check_model_keys(args.model_type, args.model)
@@ -211,56 +186,54 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     from ab_accel.accelerate import ab_optimizer
 
     jsonl = report.JSONLTracker(os.path.join(args.output_dir, "metrics.jsonl"))
-    accelerator = make_accelerator(args, [jsonl] + ([] if args.report_to.lower() == "none"
-                                                    else [args.report_to]))
+    trackers = [jsonl] + ([args.report_to] if args.report_to != "none" else [])
+    accelerator = make_accelerator(args, trackers)
     torch.manual_seed(args.seed)
-    world = accelerator.num_processes
-    parts = world * args.gradient_accumulation_steps
-    if args.batch_size % parts:
+    world, accumulation = accelerator.num_processes, args.gradient_accumulation_steps
+    if args.batch_size % (world * accumulation):
         raise ConfigError(f"batch_size {args.batch_size} (global) does not split over {world} "
-                          f"processes x {args.gradient_accumulation_steps} accumulation steps: "
-                          f"use a multiple of {parts}.")
+                          f"processes x {accumulation} accumulation steps.")
 
     # ---- data
     with accelerator.main_process_first():  # one process builds the datasets cache
         train_split, eval_split, data_desc = load_splits(args)
     labels = class_names(train_split)
     logger.info("data: %s", data_desc)
-    size, channels = args.image_size, len(args.image_mean)
-    train_ds = ImageDataset(train_split, image_transform(
-        size, args.image_mean, args.image_std, train=True, crop_scale=args.crop_scale,
-        hflip=args.hflip), channels, size, args.seed)
-    eval_ds = ImageDataset(eval_split, image_transform(
-        size, args.image_mean, args.image_std, eval_crop_ratio=args.eval_crop_ratio),
-        channels, size, args.seed)
-    train_dl, eval_dl = loaders(train_ds, eval_ds, args.batch_size // parts, args.num_workers,
-                                pin_memory=accelerator.device.type == "cuda")
+    size, channels, mean, std = args.image_size, len(args.image_mean), args.image_mean, \
+        args.image_std
+    train_ds = ImageDataset(train_split, image_transform(size, mean, std, train=True, crop_scale=(
+        args.crop_scale), hflip=args.hflip), channels, size, args.seed)
+    eval_ds = ImageDataset(eval_split, image_transform(size, mean, std, eval_crop_ratio=(
+        args.eval_crop_ratio)), channels, size, args.seed)
+    train_dl, eval_dl = loaders(train_ds, eval_ds, args.batch_size // (world * accumulation),
+                                args.num_workers, pin_memory=accelerator.device.type == "cuda")
 
     # ---- model, optimizer, AB-training (the one changed line: ab_accel.prepare), LR schedule
     model = build_model(args, labels)
     config = ab_config(args, world, from_scratch)
-    same_init_without_ab(model, config)
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # not biases and norms
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=args.lr,
-                                  betas=args.betas)
+    if not config.enabled and config.orthogonal_init:  # --no-ab: the AB run's initial weights
+        with torch.random.fork_rng(devices=[]):  # (merge builds new layers: keep the RNG)
+            ab_accel.merge(ab_accel.convert(model, dataclasses.replace(config, enabled=True)))
+    matrices = [p for p in model.parameters() if p.dim() >= 2]  # decay: not biases and norms
+    optimizer = torch.optim.AdamW([
+        {"params": matrices, "weight_decay": args.weight_decay},
+        {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+        lr=args.lr, betas=args.betas)
     model, optimizer, train_dl, eval_dl = ab_accel.prepare(
         accelerator, model, optimizer, train_dl, eval_dl, config=config)
     ab_opt = ab_optimizer(optimizer) if config.enabled else None
-    steps_per_epoch = -(-len(train_dl) // args.gradient_accumulation_steps)
+    steps_per_epoch = -(-len(train_dl) // accumulation)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
-    epochs = -(-total_steps // steps_per_epoch)
     scheduler = lr_schedule(optimizer, total_steps, round(args.lr_warmup_epochs * steps_per_epoch),
                             args.lr_start, args.min_lr)
-    ddp_traffic = None
+    ddp = None
     if ab_opt is None and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        ddp_traffic = report.DDPTraffic(model, world)  # measure what plain DP sends
+        ddp = report.DDPTraffic(model, world)  # what plain DP sends, counted by a comm hook
     record = report.RunLog(accelerator, lambda: (
         (ab_opt.traffic.wire_bytes, ab_opt.traffic.dp_equivalent_wire_bytes) if ab_opt
-        else (ddp_traffic.wire_bytes if ddp_traffic else 0.0, 0.0)))
+        else (ddp.wire_bytes if ddp else 0.0, 0.0)))
     bad_train, bad_eval = UnreadableImages(train_ds), UnreadableImages(eval_ds)
-    for obj in (scheduler, ddp_traffic, bad_train, record):  # saved with accelerator.save_state
+    for obj in (scheduler, ddp, bad_train, record):  # saved by accelerator.save_state
         if obj is not None:
             accelerator.register_for_checkpointing(obj)
     if resume_dir:
@@ -278,10 +251,9 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     t0 = time.time()
     model.train()
     with logging_redirect_tqdm():  # log lines print above the progress bar, not into it
-        for epoch in range(record.epoch, epochs):
-            record.epoch = epoch
-            train_dl.set_epoch(epoch)  # the shuffle order: a function of (seed, epoch)
-            train_ds.set_epoch(epoch)  # the augmentation: a function of (seed, epoch, index)
+        while record.step < total_steps:
+            train_dl.set_epoch(record.epoch)  # the shuffle order: a function of (seed, epoch)
+            train_ds.set_epoch(record.epoch)  # augmentation: a function of (seed, epoch, index)
             batches = train_dl
             if record.batches_in_epoch:  # resuming mid-epoch
                 batches = accelerator.skip_first_batches(train_dl, record.batches_in_epoch)
@@ -303,36 +275,32 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
                 bad_train.add(batch["index"], targets)
                 if not accelerator.sync_gradients:
                     continue
-                record.after_step(scheduler.get_last_lr()[0], ab_opt.schedule.phase(
-                    record.step) if ab_opt else "dp")
+                record.after_step(scheduler.get_last_lr()[0], report.phase_of(ab_opt))
                 scheduler.step()
                 progress.update(1)
-                checkpoint = args.checkpointing_steps and not record.step % args.checkpointing_steps
-                if checkpoint or not record.step % args.log_every or record.step == total_steps:
+                save = args.checkpointing_steps and record.step % args.checkpointing_steps == 0
+                if save or record.step % args.log_every == 0 or record.step == total_steps:
                     logged = record.flush()
                     bad_train.flush(gather_object, accelerator.is_main_process)
                     if logged:
                         progress.set_postfix(loss=f"{logged['loss']:.3f}", phase=logged["phase"])
-                if checkpoint:
-                    record.elapsed += time.time() - t0
-                    t0 = time.time()
+                if save:
+                    record.elapsed, t0 = record.elapsed + time.time() - t0, time.time()
                     accelerator.save_state(os.path.join(args.output_dir, "checkpoints",
                                                         f"step_{record.step}"))
                 if record.step >= total_steps:
                     break
             if record.batches_in_epoch >= len(train_dl):  # the epoch is complete
-                record.batches_in_epoch, record.epoch = 0, epoch + 1
-                if (epoch + 1) % args.eval_every_epochs == 0:
+                record.batches_in_epoch, record.epoch = 0, record.epoch + 1
+                if record.epoch % args.eval_every_epochs == 0:
                     differ = bool(ab_opt and ab_opt.groups_differ)
-                    rec = record.log_eval(evaluate(model, eval_dl, accelerator, len(labels),
-                                                   bad_eval), phase=report.phase_of(ab_opt),
-                                          groups_differ=differ)
-                    logger.info("epoch %d (step %d, %s phase): top-1 %.4f%s", epoch + 1,
-                                record.step, rec["phase"], rec["top1"],
+                    result = record.log_eval(evaluate(model, eval_dl, accelerator, len(labels),
+                                                      bad_eval), phase=report.phase_of(ab_opt),
+                                             groups_differ=differ)
+                    logger.info("epoch %d (step %d, %s phase): top-1 %.4f%s", record.epoch,
+                                record.step, result["phase"], result["top1"],
                                 " (the groups differ: each rank evaluates its group's model "
                                 "on its shard)" if differ else "")
-            if record.step >= total_steps:
-                break
     progress.close()
     record.elapsed += time.time() - t0
 
@@ -341,19 +309,13 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     final_sync = "in sync"
     if ab_opt is not None and ab_opt.finalize():
         final_sync = f"final sync ({ab_opt.config.sync_mode}): the run stopped mid-AB-phase"
-    at_end = None
-    if ab_opt is not None:  # before the merge: the AB layers as they are
-        from ab_accel import compression
-        from ab_accel.model import ab_layers
-
-        at_end = {"ranks": {name: layer.rank for name, layer in ab_layers(unwrapped)},
-                  "compression": compression(unwrapped)}
+    at_end = report.ranks_and_compression(unwrapped) if ab_opt else None
     export = report.export_merged(unwrapped, eval_ds, args, accelerator)
-    final = evaluate(unwrapped, eval_dl, accelerator, len(labels), bad_eval)
-    record.log_eval(final, phase=report.phase_of(ab_opt), final=True)
+    final = record.log_eval(evaluate(unwrapped, eval_dl, accelerator, len(labels), bad_eval),
+                            phase=report.phase_of(ab_opt), final=True)
     traffic = ({"measured_by": "ab_accel's traffic meter", **ab_opt.traffic.summary()} if ab_opt
-               else ddp_traffic.summary() if ddp_traffic else
-               {"bytes": 0, "wire_bytes": 0.0, "measured_by": "single process: none"})
+               else ddp.summary() if ddp else {"bytes": 0, "wire_bytes": 0.0,
+                                               "measured_by": "single process: none"})
     per_rank = gather_object([traffic])
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
