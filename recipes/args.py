@@ -199,19 +199,19 @@ def parse(recipe: Recipe, argv: Sequence[str], world_size: int | None = None) ->
     lists = tuple(f"--{f.name}" for f in dataclasses.fields(TrainArgs)
                   if typing.get_origin(f.type) in (list, tuple)) + ("--model.",)
     argv = [p for a in argv for p in (a.split("=", 1) if a.startswith("--config=") else [a])]
-    if "--config" not in argv:
-        data = any(a.split("=")[0] in ("--data_dir", "--dataset_name") for a in argv)
-        argv = ["--config", recipe.imagenet_config if data else recipe.digits_config, *argv]
-    last = max(i for i, a in enumerate(argv) if a == "--config") + 1
-    config = argv[last] if last < len(argv) else None
-    in_repo = os.path.join(REPO_DIR, config or "")  # configs/x.yaml from any working directory
-    if config and not os.path.exists(config) and os.path.exists(in_repo):
-        argv[last] = in_repo
-    ns = parse_argv(parser, argv, lists)
-    if ns.ab_schedule_by_nodes:  # the row goes between the config file and the command line
-        row = _nodes_row(ns, config, recipe, world_size)
-        ns = parse_argv(parser, argv[:last + 1] + ["--config", json.dumps(row)]
-                        + argv[last + 1:], lists)
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    rest = [a for i, a in enumerate(argv) if "--config" not in (a, argv[i - 1] if i else "")]
+    if not files:
+        data = any(a.split("=")[0] in ("--data_dir", "--dataset_name") for a in rest)
+        files = [recipe.imagenet_config if data else recipe.digits_config]
+    config = files[-1]  # the command line wins over the files, wherever --config stands
+    in_repo = [os.path.join(REPO_DIR, f) for f in files]  # configs/x.yaml from anywhere
+    configs = [p for f, r in zip(files, in_repo, strict=True)
+               for p in ("--config", r if not os.path.exists(f) and os.path.exists(r) else f)]
+    ns = parse_argv(parser, configs + rest, lists)
+    if ns.ab_schedule_by_nodes:  # the row goes between the config files and the command line
+        row = ["--config", json.dumps(_nodes_row(ns, config, recipe, world_size))]
+        ns = parse_argv(parser, configs + row + rest, lists)
     try:
         values = parser.instantiate(ns).as_dict()
         values.pop("__path__", None)

@@ -19,8 +19,16 @@ from typing import Any
 
 from args import ConfigError, Recipe, TrainArgs, ab_config, deepspeed_launch, launched_world_size
 from args import parse as parse_args
-from data import (IGNORE_INDEX, ImageDataset, UnreadableImages, check_data_dir, class_names,
-                  image_transform, load_splits, loaders)
+from data import (
+    IGNORE_INDEX,
+    ImageDataset,
+    UnreadableImages,
+    check_data_dir,
+    class_names,
+    image_transform,
+    load_splits,
+    loaders,
+)
 
 from ab_accel import ABConfigError
 
@@ -76,8 +84,11 @@ def make_accelerator(args: TrainArgs, trackers: list[Any]) -> Any:
     import torch
     import transformers
     from accelerate import Accelerator
-    from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs,
-                                  ProjectConfiguration)
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        InitProcessGroupKwargs,
+        ProjectConfiguration,
+    )
 
     cpu = not torch.cuda.is_available() if args.cpu == "auto" else args.cpu
     handlers = []
@@ -175,6 +186,7 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
         check_model_keys(args.model_type, args.model)
     started = time.time()
 
+    import report
     import torch
     import torch.nn.functional as F
     from accelerate.utils import gather_object
@@ -182,7 +194,6 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     import ab_accel
-    import report
     from ab_accel.accelerate import ab_optimizer
 
     jsonl = report.JSONLTracker(os.path.join(args.output_dir, "metrics.jsonl"))
