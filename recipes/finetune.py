@@ -23,10 +23,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from ab_accel import ABConfig, ABConfigError
+
 from args import ConfigError, DataArgs, knob, make_parser, parse_argv
 from data import IGNORE_INDEX, ImageDataset, class_names, image_transform, load_splits
-
-from ab_accel import ABConfig, ABConfigError
 
 
 @dataclass

@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from jsonargparse import ArgumentParser
+
 from report import read_summary
 
 COLORS = {"warmup": "#d9d9d9", "ab": "#cfe3f7", "rebound": "#fde0c2"}

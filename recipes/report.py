@@ -1,9 +1,9 @@
 """What a run writes down: metrics.jsonl (an Accelerate tracker), what plain DDP sends, the run's
-history (checkpointed with it), the merged export, and summary.json, written once at the end.
+history (checkpointed with it), the merged export, and summary.json (once, at the end).
 
-Each number says what it is computed on: accuracy is the exported (merged) model's; traffic is
-the ring estimate of the bytes the ranks sent, from ab_accel's meter or, for ``--no-ab``, from
-a DDP comm hook; compression is dense / AB parameter count after the last factorization.
+Each figure names what it is computed on: accuracy is the exported (merged) model's; traffic is
+the ring estimate of the bytes counted by ab_accel's meter (or, for ``--no-ab``, by a DDP comm
+hook); compression is the dense / AB parameter count after the last factorization.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ logger = logging.getLogger("recipes")
 
 
 class JSONLTracker(GeneralTracker):
-    """An Accelerate tracker that appends every ``accelerator.log`` call as one JSON line."""
+    """An Accelerate tracker: every ``accelerator.log`` call is one JSON line of ``path``."""
 
     name, requires_logging_directory = "jsonl", False
 
     def __init__(self, path: str) -> None:
         super().__init__()
-        self.path, self.restart_from = path, []  # restart_from: a resumed run's records
+        self.path, self.restart_from = path, []  # a resumed run: the records it restarts from
 
     @property
     def tracker(self) -> str:
@@ -43,15 +43,11 @@ class JSONLTracker(GeneralTracker):
             fh.write(json.dumps({"step": step, **values}) + "\n")
 
 
-def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested knobs as flat scalars (what trackers take as hyperparameters)."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}.") if key != "ab_schedule_by_nodes" else {})
-        else:
-            out[prefix + key] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    return out
+def hyperparameters(args: Any) -> dict[str, Any]:
+    """The scalar knobs, ab_training's flattened: what trackers take as hyperparameters."""
+    values = {**dataclasses.asdict(args), **{f"ab_training.{k}": v for k, v in
+                                             args.ab_training.to_dict().items()}}
+    return {k: v for k, v in values.items() if isinstance(v, (bool, int, float, str))}
 
 
 class DDPTraffic:
@@ -86,9 +82,8 @@ class DDPTraffic:
                 + self.buffer_bytes * wire_factor("broadcast", self.world_size))
 
     def summary(self) -> dict[str, Any]:
-        return {"measured_by": "DDP comm hook (gradients) + buffer broadcasts",
-                "bytes": self.grad_bytes + self.buffer_bytes, "wire_bytes": self.wire_bytes,
-                **self.state_dict()}
+        return {"measured_by": "DDP comm hook (gradients) + buffer broadcasts", "wire_bytes":
+                self.wire_bytes, "bytes": self.grad_bytes + self.buffer_bytes, **self.state_dict()}
 
     def state_dict(self) -> dict[str, int]:
         return {"grad_bytes": self.grad_bytes, "buffer_bytes": self.buffer_bytes,
@@ -102,29 +97,27 @@ class RunLog:
     """The run's history, the same on every rank: train loss (mean over the ranks), evaluations,
     and the wire bytes of every optimizer step (mean over the ranks, switches included).
 
-    ``meter()`` gives this rank's cumulative (wire, DP-equivalent wire) bytes. :meth:`flush`
-    (every ``log_every`` steps and before a checkpoint) reduces the losses and gathers the bytes:
-    collectives that are bookkeeping, not training traffic. Saved with ``accelerator.save_state``
-    (``register_for_checkpointing``: written by the main process, loaded by every rank).
+    ``meter()``: this rank's cumulative (wire, DP-equivalent wire) bytes. :meth:`flush` (every
+    ``log_every`` steps and before a checkpoint) reduces the losses and gathers the bytes, as
+    bookkeeping the meter does not count. Saved with ``accelerator.save_state`` (registered for
+    checkpointing: written by the main process, loaded by every rank).
     """
 
     def __init__(self, accelerator: Any, meter: Any) -> None:
         self.accelerator, self.meter = accelerator, meter
         self.step = self.epoch = self.batches_in_epoch = 0
-        self.elapsed = 0.0
+        self.elapsed, self.losses = 0.0, []
         self.train: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
         self.wire: list[float] = []
         self.dp_wire: list[float] = []
-        self.losses: list[float] = []
         self._pending: list[tuple[float, float]] = []
         self._last, self._lr, self._phase = meter(), 0.0, ""
 
     def after_step(self, lr: float, phase: str) -> None:
         now = self.meter()
         self._pending.append((now[0] - self._last[0], now[1] - self._last[1]))
-        self._last, self._lr, self._phase = now, lr, str(phase)
-        self.step += 1
+        self._last, self._lr, self._phase, self.step = now, lr, str(phase), self.step + 1
 
     def flush(self) -> dict[str, Any] | None:
         """Record the steps since the last flush; returns the loss record (logged)."""
@@ -147,13 +140,12 @@ class RunLog:
         acc.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
         return record
 
-    def log_eval(self, result: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    def log_eval(self, result: dict[str, Any], final: bool = False, **extra: Any
+                 ) -> dict[str, Any]:
         record = {"step": self.step, "epoch": self.epoch, **result, **extra}
-        if not extra.get("final"):
-            self.evals.append(record)
-        prefix = "final" if extra.get("final") else "eval"
-        self.accelerator.log({f"{prefix}/{k}": v for k, v in record.items()
-                              if k not in ("step", "final") and v is not None}, step=self.step)
+        self.evals += [] if final else [record]
+        self.accelerator.log({f"{'final' if final else 'eval'}/{k}": v for k, v in record.items()
+                              if k != "step" and v is not None}, step=self.step)
         return record
 
     def state_dict(self) -> dict[str, Any]:
@@ -172,51 +164,40 @@ def phase_of(ab_opt: Any) -> str:
 
 def log_start(args: Any, accelerator: Any, model: Any, ab_opt: Any, total_steps: int,
               steps_per_epoch: int) -> None:
-    """One readable block: who runs what, for how long, with which schedule."""
-    n, accum, model = accelerator.num_processes, args.gradient_accumulation_steps, \
-        accelerator.unwrap_model(model)
-    logger.info("%d process(es) on %s (%s), mixed precision %s", n, accelerator.device.type,
-                accelerator.distributed_type.value, args.mixed_precision)
-    logger.info("model %s: %s parameters, %s", type(model).__name__,
+    """Who runs what, for how long, with which schedule."""
+    n, model = accelerator.num_processes, accelerator.unwrap_model(model)
+    logger.info("%d process(es) on %s (%s), mixed precision %s; model %s, %s parameters, %s; "
+                "batch %d global = %d per process x %d x %d accumulation; %d steps/epoch, %d "
+                "steps", n, accelerator.device.type, accelerator.distributed_type.value,
+                args.mixed_precision, type(model).__name__,
                 f"{sum(p.numel() for p in model.parameters()):,}",
                 f"fine-tuning {args.model_name_or_path}" if args.model_name_or_path
-                else "from scratch")
-    logger.info("batch %d global = %d per process x %d x %d accumulation; %d steps/epoch, %d "
-                "steps", args.batch_size, args.batch_size // (n * accum), n, accum,
+                else "from scratch", args.batch_size, args.batch_size // (
+                    n * args.gradient_accumulation_steps), n, args.gradient_accumulation_steps,
                 steps_per_epoch, total_steps)
     if ab_opt is None:
         logger.info("AB-training off (--no-ab): plain data parallel (DDP all-reduce)")
         return
     c, plan, spans = ab_opt.config, ab_opt.groups.plan, ab_opt.schedule.describe(total_steps)
-    logger.info("AB-training: %d AB layers, sync_mode %s, rank_cutoff %s, orthogonal_init %s; "
-                "groups %s roles %s", len(ab_opt.ranks), c.sync_mode, c.rank_cutoff,
-                c.orthogonal_init, [list(g) for g in plan.groups], [str(r) for r in plan.roles])
-    logger.info("schedule W0=%d T=%d F=%d R=%d: %s%s", c.warmup_steps, c.sync_every,
-                c.rebound_steps, c.lr_rebound_steps,
-                ", ".join(f"{p} {a}-{b - 1}" for p, a, b in spans[:7]),
+    logger.info("AB-training: %d AB layers, sync_mode %s, rank_cutoff %s, orthogonal_init %s, "
+                "groups %s, roles %s; W0=%d T=%d F=%d R=%d: %s%s", len(ab_opt.ranks),
+                c.sync_mode, c.rank_cutoff, c.orthogonal_init, [list(g) for g in plan.groups],
+                [str(r) for r in plan.roles], c.warmup_steps, c.sync_every, c.rebound_steps,
+                c.lr_rebound_steps, ", ".join(f"{p} {a}-{b - 1}" for p, a, b in spans[:7]),
                 f" ... ({len(spans)} spans)" if len(spans) > 7 else "")
 
 
-def ranks_and_compression(model: Any) -> dict[str, Any]:
-    """The AB layers' ranks and ab_accel.compression(model), before the merge."""
-    from ab_accel import compression
-    from ab_accel.model import ab_layers
-
-    return {"ranks": {name: layer.rank for name, layer in ab_layers(model)},
-            "compression": compression(model)}
-
-
 def export_merged(model: Any, eval_ds: Any, args: Any, accelerator: Any) -> dict[str, Any]:
-    """Merge the AB layers into dense ones (every rank: they hold one model now), check that
-    the merged model gives the AB model's logits on a probe batch, save_pretrained (main
-    process); the probe and the AB logits go to export_check.pt, to compare a plain load with."""
+    """Merge the AB layers (every rank: they hold one model now), check the merged model gives
+    the AB model's logits on a probe batch, save_pretrained (main process); the probe and the
+    AB logits go to export_check.pt, to compare a plain-transformers load with."""
     import torch
     from transformers import ViTImageProcessor
 
     from ab_accel import merge
 
-    probe = torch.stack([eval_ds[i]["pixel_values"] for i in range(min(8, len(eval_ds)))])
-    probe = probe.to(accelerator.device)
+    n = min(8, len(eval_ds))
+    probe = torch.stack([eval_ds[i]["pixel_values"] for i in range(n)]).to(accelerator.device)
     model.eval()
     with torch.no_grad():
         before = model(pixel_values=probe).logits.float()
@@ -224,13 +205,13 @@ def export_merged(model: Any, eval_ds: Any, args: Any, accelerator: Any) -> dict
         after = model(pixel_values=probe).logits.float()
     out = os.path.join(args.output_dir, "model")
     if accelerator.is_main_process and args.save_model:
-        model.save_pretrained(out)
-        torch.save({"pixel_values": probe.cpu(), "logits": before.cpu()},
-                   os.path.join(args.output_dir, "export_check.pt"))
+        model.save_pretrained(out)  # with an image processor: pipeline() works on the folder
         ViTImageProcessor(size={"height": args.image_size, "width": args.image_size},
                           image_mean=args.image_mean, image_std=args.image_std).save_pretrained(out)
+        torch.save({"pixel_values": probe.cpu(), "logits": before.cpu()},
+                   os.path.join(args.output_dir, "export_check.pt"))
     accelerator.wait_for_everyone()
-    return {"dir": out if args.save_model else None, "probe_images": int(probe.shape[0]),
+    return {"dir": out if args.save_model else None, "probe_images": n,
             "max_abs_logit_diff_ab_vs_merged": float((before - after).abs().max())}
 
 
@@ -238,14 +219,13 @@ def summarize(*, recipe: str, args: Any, ab_opt: Any, record: RunLog, per_rank: 
               final: dict[str, Any], classes: int, export: dict[str, Any],
               at_end: dict[str, Any] | None, data: str, wall_time_s: float,
               skipped: dict[str, int]) -> dict[str, Any]:
-    """summary.json (written once, main process), the printed lines, and plot.png."""
+    """summary.json (written once, main process), the printed line, and plot.png."""
     switches = [w.to_dict() for w in ab_opt.switches] if ab_opt else []
     wire = sum(t["wire_bytes"] for t in per_rank)
     dp = sum(t.get("dp_equivalent_wire_bytes", 0.0) for t in per_rank)
     by_phase: dict[str, float] = {}
-    for t in per_rank:
-        for phase, value in t.get("wire_bytes_by_phase", {}).items():
-            by_phase[phase] = by_phase.get(phase, 0.0) + value
+    for phase, value in (kv for t in per_rank for kv in t.get("wire_bytes_by_phase", {}).items()):
+        by_phase[phase] = by_phase.get(phase, 0.0) + value
     s: dict[str, Any] = {
         "recipe": recipe, "data": data, "ab": ab_opt is not None, "ranks": len(per_rank),
         "data_short": os.path.basename(os.path.normpath(args.data_dir)) if args.data_dir
@@ -269,8 +249,7 @@ def summarize(*, recipe: str, args: Any, ab_opt: Any, record: RunLog, per_rank: 
         s["traffic"].update(dp_equivalent_wire_bytes=dp, reduction_vs_dp=1.0 - wire / dp)
     if ab_opt is not None:
         facts = [w for w in switches if w["event"] == "factorize"]
-        last = facts[-1]["compression"] if facts else {}
-        plan = ab_opt.groups.plan
+        last, plan = facts[-1]["compression"] if facts else {}, ab_opt.groups.plan
         s.update(ab_config=ab_opt.config.to_dict(), group_size=plan.group_size,
                  groups=[list(g) for g in plan.groups], roles=[str(r) for r in plan.roles],
                  layer_ranks_at_end=at_end["ranks"], compression={
@@ -279,32 +258,28 @@ def summarize(*, recipe: str, args: Any, ab_opt: Any, record: RunLog, per_rank: 
                      "params_dense": last.get("params_dense"), "params_ab": last.get("params_now"),
                      "of": f"parameter count, dense / AB, after the last factorization (step "
                            f"{facts[-1]['step']})" if facts else "no factorization happened",
-                     "at_end": at_end["compression"]["ratio"]})
+                     "ratio_at_end": at_end["compression"]["ratio"]})
         s["bytes_per_step"]["dp_equivalent_wire"] = record.dp_wire
     if args.baseline_run:
         base = read_summary(args.baseline_run)
-        s["baseline"] = {k: base[k] for k in ("steps", "ranks")}
-        s["baseline"].update(top1=base["accuracy"]["top1"], wire_bytes=base["traffic"][
-            "wire_bytes"])
+        s["baseline"] = {"steps": base["steps"], "ranks": base["ranks"], "top1": base[
+            "accuracy"]["top1"], "wire_bytes": base["traffic"]["wire_bytes"]}
         if (base["steps"], base["ranks"]) == (s["steps"], s["ranks"]) and wire:
             s["baseline"]["measured_reduction"] = 1.0 - wire / base["traffic"]["wire_bytes"]
     write_json(os.path.join(args.output_dir, "summary.json"), s)
-    c, t = s.get("compression"), s["traffic"]
+    c = s.get("compression")
     print(f"== {recipe} on {s['data_short']}: {s['ranks']} ranks, {s['steps']} steps, "
           f"{wall_time_s:.0f} s; top-1 {final['top1']:.4f} (the exported merged model); "
           f"{wire / 2**20:.2f} MiB sent (ring estimate, all ranks, {per_rank[0]['measured_by']})"
-          + (f", {100 * t['reduction_vs_dp']:.1f}% less than DP's exact count for the same "
-             f"steps" if dp else "")
+          + (f", {100 * (1 - wire / dp):.1f}% less than DP's exact count" if dp else "")
           + (f"; compression {c['factorized_ratio']:.2f}:1 on the factorized layers "
-             f"({c['of']})" if c else "") + f"; summary {args.output_dir}/summary.json",
-          flush=True)
+             f"({c['of']})" if c else "") + f"; {args.output_dir}/summary.json", flush=True)
     try:  # drawn from the file just written, by recipes/plot.py
         import plot
 
         plot.draw(args.output_dir, args.baseline_run)
     except ImportError as exc:
-        logger.warning("no plot (%s); after installing matplotlib: python recipes/plot.py %s",
-                       exc, args.output_dir)
+        logger.warning("no plot (%s); later: python recipes/plot.py %s", exc, args.output_dir)
     return s
 
 

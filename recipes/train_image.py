@@ -17,20 +17,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ab_accel import ABConfigError
+
+import data
 from args import ConfigError, Recipe, TrainArgs, ab_config, deepspeed_launch, launched_world_size
 from args import parse as parse_args
-from data import (
-    IGNORE_INDEX,
-    ImageDataset,
-    UnreadableImages,
-    check_data_dir,
-    class_names,
-    image_transform,
-    load_splits,
-    loaders,
-)
-
-from ab_accel import ABConfigError
 
 logger = logging.getLogger("recipes")
 
@@ -83,12 +74,8 @@ def make_accelerator(args: TrainArgs, trackers: list[Any]) -> Any:
     import datasets
     import torch
     import transformers
-    from accelerate import Accelerator
-    from accelerate.utils import (
-        DataLoaderConfiguration,
-        InitProcessGroupKwargs,
-        ProjectConfiguration,
-    )
+    from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+    from accelerate.utils import ProjectConfiguration
 
     cpu = not torch.cuda.is_available() if args.cpu == "auto" else args.cpu
     handlers = []
@@ -137,7 +124,7 @@ def top_k_hits(ranked: Any, labels: Any) -> tuple[int, int]:
 
 
 def evaluate(model: Any, loader: Any, accelerator: Any, num_labels: int,
-             unreadable: UnreadableImages, k: int = 5) -> dict[str, Any]:
+             unreadable: data.UnreadableImages, k: int = 5) -> dict[str, Any]:
     """Top-1 and top-k of the whole eval set: each rank runs its shard, gather_for_metrics
     collects the predictions (without the last batch's padding). Top-k is not reported when
     k >= the number of classes (it would be 1.0 by construction)."""
@@ -152,7 +139,7 @@ def evaluate(model: Any, loader: Any, accelerator: Any, num_labels: int,
                 min(k, num_labels), dim=-1).indices
             ranked, labels = accelerator.gather_for_metrics((ranked, batch["labels"]))
             unreadable.add(batch["index"], batch["labels"])
-            keep = labels != IGNORE_INDEX
+            keep = labels != data.IGNORE_INDEX
             h1, hk = top_k_hits(ranked[keep], labels[keep])
             hit1, hitk, count = hit1 + h1, hitk + hk, count + int(keep.sum())
     model.train(was_training)
@@ -179,14 +166,13 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     # ---- knobs: every check that needs no heavy import runs first
     args = parse_args(recipe, argv)
     if args.data_dir:
-        check_data_dir(args.data_dir)
+        data.check_data_dir(args.data_dir)
     resume_dir, from_scratch = checkpoint_dir(args), not args.model_name_or_path
     ab_config(args, launched_world_size(), from_scratch)  # groups that fit the launched world
     if from_scratch:
         check_model_keys(args.model_type, args.model)
     started = time.time()
 
-    import report
     import torch
     import torch.nn.functional as F
     from accelerate.utils import gather_object
@@ -195,6 +181,9 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
 
     import ab_accel
     from ab_accel.accelerate import ab_optimizer
+    from ab_accel.config import DEEPSPEED_KEY
+
+    import report
 
     jsonl = report.JSONLTracker(os.path.join(args.output_dir, "metrics.jsonl"))
     trackers = [jsonl] + ([args.report_to] if args.report_to != "none" else [])
@@ -207,17 +196,18 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
 
     # ---- data
     with accelerator.main_process_first():  # one process builds the datasets cache
-        train_split, eval_split, data_desc = load_splits(args)
-    labels = class_names(train_split)
+        train_split, eval_split, data_desc = data.load_splits(args)
+    labels = data.class_names(train_split)
     logger.info("data: %s", data_desc)
     size, channels, mean, std = args.image_size, len(args.image_mean), args.image_mean, \
         args.image_std
-    train_ds = ImageDataset(train_split, image_transform(size, mean, std, train=True, crop_scale=(
-        args.crop_scale), hflip=args.hflip), channels, size, args.seed)
-    eval_ds = ImageDataset(eval_split, image_transform(size, mean, std, eval_crop_ratio=(
-        args.eval_crop_ratio)), channels, size, args.seed)
-    train_dl, eval_dl = loaders(train_ds, eval_ds, args.batch_size // (world * accumulation),
-                                args.num_workers, pin_memory=accelerator.device.type == "cuda")
+    train_ds = data.ImageDataset(train_split, data.image_transform(
+        size, mean, std, train=True, crop_scale=args.crop_scale, hflip=args.hflip), channels,
+        size, args.seed)
+    eval_ds = data.ImageDataset(eval_split, data.image_transform(
+        size, mean, std, eval_crop_ratio=args.eval_crop_ratio), channels, size, args.seed)
+    train_dl, eval_dl = data.loaders(train_ds, eval_ds, args.batch_size // (world * accumulation),
+                                     args.num_workers, pin_memory=accelerator.device.type == "cuda")
 
     # ---- model, optimizer, AB-training (the one changed line: ab_accel.prepare), LR schedule
     model = build_model(args, labels)
@@ -230,6 +220,9 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
         {"params": matrices, "weight_decay": args.weight_decay},
         {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
         lr=args.lr, betas=args.betas)
+    plugin = accelerator.state.deepspeed_plugin  # the JSON's key was read by ab_config: give
+    if plugin is not None and DEEPSPEED_KEY in plugin.deepspeed_config:  # prepare the one config
+        plugin.deepspeed_config[DEEPSPEED_KEY] = config.to_dict()  # resolved (--no-ab, init)
     model, optimizer, train_dl, eval_dl = ab_accel.prepare(
         accelerator, model, optimizer, train_dl, eval_dl, config=config)
     ab_opt = ab_optimizer(optimizer) if config.enabled else None
@@ -243,7 +236,7 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     record = report.RunLog(accelerator, lambda: (
         (ab_opt.traffic.wire_bytes, ab_opt.traffic.dp_equivalent_wire_bytes) if ab_opt
         else (ddp.wire_bytes if ddp else 0.0, 0.0)))
-    bad_train, bad_eval = UnreadableImages(train_ds), UnreadableImages(eval_ds)
+    bad_train, bad_eval = data.UnreadableImages(train_ds), data.UnreadableImages(eval_ds)
     for obj in (scheduler, ddp, bad_train, record):  # saved by accelerator.save_state
         if obj is not None:
             accelerator.register_for_checkpointing(obj)
@@ -252,7 +245,7 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
         jsonl.restart_from = record.train + record.evals
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, record.step,
                     record.epoch, record.batches_in_epoch)
-    accelerator.init_trackers(recipe.name, config=report.flat(dataclasses.asdict(args)))
+    accelerator.init_trackers(recipe.name, config=report.hyperparameters(args))
     report.log_start(args, accelerator, model, ab_opt, total_steps, steps_per_epoch)
 
     # ---- train
@@ -272,10 +265,10 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
                 with accelerator.accumulate(model):
                     logits = model(pixel_values=batch["pixel_values"]).logits
                     targets = batch["labels"]
-                    valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
+                    valid = (targets != data.IGNORE_INDEX).sum().clamp(min=1)
                     loss = F.cross_entropy(logits.float(), targets, reduction="sum",
                                            label_smoothing=args.label_smoothing,
-                                           ignore_index=IGNORE_INDEX) / valid
+                                           ignore_index=data.IGNORE_INDEX) / valid
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and args.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -320,7 +313,12 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     final_sync = "in sync"
     if ab_opt is not None and ab_opt.finalize():
         final_sync = f"final sync ({ab_opt.config.sync_mode}): the run stopped mid-AB-phase"
-    at_end = report.ranks_and_compression(unwrapped) if ab_opt else None
+    at_end = None
+    if ab_opt is not None:  # the AB layers as they end, before the merge
+        from ab_accel.model import ab_layers
+
+        at_end = {"ranks": {name: layer.rank for name, layer in ab_layers(unwrapped)},
+                  "compression": ab_accel.compression(unwrapped)}
     export = report.export_merged(unwrapped, eval_ds, args, accelerator)
     final = record.log_eval(evaluate(unwrapped, eval_dl, accelerator, len(labels), bad_eval),
                             phase=report.phase_of(ab_opt), final=True)
