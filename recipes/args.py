@@ -144,7 +144,8 @@ class Recipe:
 def make_parser(prog: str, description: str, *classes: type, **kwargs: Any) -> ArgumentParser:
     """A jsonargparse parser over dataclasses, their fields at the top level, ``--no-ab`` a
     flag, every field's ``metadata["help"]`` in --help (jsonargparse reads docstrings only)."""
-    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False,
+                            allow_abbrev=False)  # --epoch is not --epochs: refused
     for cls in classes:
         parser.add_class_arguments(cls, as_group=False, **kwargs)
     parser.add_argument("--no-ab", "--no_ab", dest="no_ab", action="store_true",
@@ -175,12 +176,23 @@ def did_you_mean(message: str, parser: ArgumentParser) -> str:
             + (f": did you mean {hint[0]!r}?)" if hint else ")"))
 
 
-def parse_argv(parser: ArgumentParser, argv: list[str], lists: tuple[str, ...] = ()) -> Any:
-    """parser.parse_args; ``a,b,c`` after an option in ``lists`` reads as the list [a,b,c]."""
-    argv = [f"[{a}]" if i and argv[i - 1].startswith(lists) and "," in a
-            and not a.startswith("[") else a for i, a in enumerate(argv)]
+def parse_argv(parser: ArgumentParser, argv: list[str], *classes: type) -> Any:
+    """parser.parse_args, with the shorthands of the recipes' former parsers (and of
+    HfArgumentParser): a bare boolean flag (``--bf16``) is true; ``a,b,c`` after a list knob
+    (``--betas 0.9,0.95``, ``--model.depths 3,4,6,3``) is the list [a,b,c]."""
+    hints = {k: v for cls in classes for k, v in typing.get_type_hints(cls).items()}
+    flags = {f"--{k}" for k, v in hints.items() if v in (bool, bool | None)} - {"--no_ab"}
+    lists = tuple(f"--{k}" for k, v in hints.items() if typing.get_origin(v) in (list, tuple))
+    out: list[str] = []
+    for i, a in enumerate(argv):
+        following = argv[i + 1] if i + 1 < len(argv) else "--"
+        if a in flags and following.startswith("--"):
+            a += "=true"
+        elif out and out[-1].startswith((*lists, "--model.")) and "," in a and a[0] != "[":
+            a = f"[{a}]"
+        out.append(a)
     try:
-        return parser.parse_args(argv)
+        return parser.parse_args(out)
     except argparse.ArgumentError as exc:  # what jsonargparse raises (exit_on_error=False)
         raise ConfigError(str(exc).strip() + did_you_mean(str(exc), parser)) from None
 
@@ -196,8 +208,6 @@ def parse(recipe: Recipe, argv: Sequence[str], world_size: int | None = None) ->
                         f"{recipe.imagenet_config}.")
     parser.set_defaults(model_type=recipe.model_type, model=recipe.model,
                         output_dir=f"runs/{recipe.name}")
-    lists = tuple(f"--{f.name}" for f in dataclasses.fields(TrainArgs)
-                  if typing.get_origin(f.type) in (list, tuple)) + ("--model.",)
     argv = [p for a in argv for p in (a.split("=", 1) if a.startswith("--config=") else [a])]
     files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
     rest = [a for i, a in enumerate(argv) if "--config" not in (a, argv[i - 1] if i else "")]
@@ -208,10 +218,10 @@ def parse(recipe: Recipe, argv: Sequence[str], world_size: int | None = None) ->
     in_repo = [os.path.join(REPO_DIR, f) for f in files]  # configs/x.yaml from anywhere
     configs = [p for f, r in zip(files, in_repo, strict=True)
                for p in ("--config", r if not os.path.exists(f) and os.path.exists(r) else f)]
-    ns = parse_argv(parser, configs + rest, lists)
+    ns = parse_argv(parser, configs + rest, TrainArgs)
     if ns.ab_schedule_by_nodes:  # the row goes between the config files and the command line
         row = ["--config", json.dumps(_nodes_row(ns, config, recipe, world_size))]
-        ns = parse_argv(parser, configs + row + rest, lists)
+        ns = parse_argv(parser, configs + row + rest, TrainArgs)
     try:
         values = parser.instantiate(ns).as_dict()
         values.pop("__path__", None)

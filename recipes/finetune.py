@@ -58,7 +58,8 @@ def parse(argv: list[str]) -> tuple[FinetuneArgs, Any]:
             argv += ["--use_cpu", "true"]
             if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "--ddp_backend" not in argv:
                 argv += ["--ddp_backend", "gloo"]
-    values = parser.instantiate(parse_argv(parser, argv)).as_dict()
+    ns = parse_argv(parser, argv, FinetuneArgs, TrainingArguments)
+    values = parser.instantiate(ns).as_dict()
     own = {f.name for f in dataclasses.fields(FinetuneArgs)} - {"seed"}
     training = TrainingArguments(**{k: v for k, v in values.items() if k not in own})
     args = FinetuneArgs(**{k: v for k, v in values.items() if k in own}, seed=training.seed)

@@ -92,13 +92,12 @@ def title(s: dict[str, Any]) -> str:
             else "plain DP (--no-ab)")
     line = [f"top-1 {100 * s['accuracy']['top1']:.1f}% (merged export)"]
     if "reduction_vs_dp" in s["traffic"]:
-        line.append(f"traffic {100 * s['traffic']['reduction_vs_dp']:.0f}% below DP (ring "
-                    f"estimate, same steps)")
+        line.append(f"traffic {100 * s['traffic']['reduction_vs_dp']:.0f}% below DP's")
     if "compression" in s:
-        line.append(f"compression {s['compression']['factorized_ratio']:.2f}:1 (parameters of "
-                    f"the factorized layers, last factorization)")
+        line.append(f"compression {s['compression']['factorized_ratio']:.2f}:1 (factorized "
+                    f"layers' parameters)")
     return (f"{s['recipe']} on {s['data_short']}, {s['ranks']} ranks, {s['steps']} steps, "
-            f"{what}\n" + ",  ".join(line))
+            f"{what}\n" + ", ".join(line))
 
 
 if __name__ == "__main__":

@@ -249,9 +249,8 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     report.log_start(args, accelerator, model, ab_opt, total_steps, steps_per_epoch)
 
     # ---- train
-    progress = tqdm(total=total_steps, initial=record.step, desc=recipe.name,
-                    disable=not accelerator.is_main_process, dynamic_ncols=True,
-                    mininterval=0.1 if sys.stderr.isatty() else 5.0)
+    progress = tqdm(total=total_steps, initial=record.step, desc=recipe.name, dynamic_ncols=True,
+                    disable=None if accelerator.is_main_process else True)  # None: a TTY only
     t0 = time.time()
     model.train()
     with logging_redirect_tqdm():  # log lines print above the progress bar, not into it
