@@ -271,7 +271,8 @@ def summarize(*, recipe: str, args: Any, ab_opt: Any, record: RunLog, per_rank: 
     print(f"== {recipe} on {s['data_short']}: {s['ranks']} ranks, {s['steps']} steps, "
           f"{wall_time_s:.0f} s; top-1 {final['top1']:.4f} (the exported merged model); "
           f"{wire / 2**20:.2f} MiB sent (ring estimate, all ranks, {per_rank[0]['measured_by']})"
-          + (f", {100 * (1 - wire / dp):.1f}% less than DP's exact count" if dp else "")
+          + (f", {abs(100 * (1 - wire / dp)):.1f}% {'less' if wire <= dp else 'more'} than DP's "
+             f"exact count" if dp else "")
           + (f"; compression {c['factorized_ratio']:.2f}:1 on the factorized layers "
              f"({c['of']})" if c else "") + f"; {args.output_dir}/summary.json", flush=True)
     try:  # drawn from the file just written, by recipes/plot.py
