@@ -21,12 +21,23 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from jsonargparse.typing import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+    restricted_number_type,
+)
 
 from ab_accel import ABConfig, ABConfigError, support
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("recipes")
+
+
+UpToOne = restricted_number_type("UpToOne", float, [(">", 0), ("<=", 1)])  # (0, 1]
+BelowOne = restricted_number_type("BelowOne", float, [(">=", 0), ("<", 1)])  # [0, 1)
 
 
 class ConfigError(ValueError):
@@ -51,7 +62,7 @@ class DataArgs:
     train_split: str = knob("train", "The split to train on.")
     eval_split: str = knob("auto", "auto: validation, val, valid or test; if none exists, "
                            "validation_split of train.")
-    validation_split: float = knob(0.1, "Share of train held out when there is no eval split.")
+    validation_split: OpenUnitInterval = knob(0.1, "Share of train held out when there is no eval split.")
     image_column: str = knob("auto", "auto: image, img or pixel_values.")
     label_column: str = knob("auto", "A ClassLabel column. auto: label, labels or fine_label.")
     cache_dir: str | None = knob(None, "datasets' cache (None: ~/.cache/huggingface/datasets).")
@@ -67,9 +78,9 @@ class TrainArgs(DataArgs):
     image_size: PositiveInt = knob(224, "Input size in pixels (square).")
     image_mean: list[float] = knob([0.485, 0.456, 0.406], "One per channel (num_channels).")
     image_std: list[float] = knob([0.229, 0.224, 0.225], "One per channel.")
-    crop_scale: tuple[float, float] = knob((0.08, 1.0), "RandomResizedCrop scale (train).")
+    crop_scale: tuple[UpToOne, UpToOne] = knob((0.08, 1.0), "RandomResizedCrop scale (train).")
     hflip: bool = knob(True, "RandomHorizontalFlip (train).")
-    eval_crop_ratio: float = knob(0.875, "Eval: resize to image_size / ratio, center crop.")
+    eval_crop_ratio: UpToOne = knob(0.875, "Eval: resize to image_size / ratio, center crop.")
     num_workers: NonNegativeInt = knob(8, "DataLoader worker processes per rank.")
     model_type: str = knob("vit", "transformers model type built from scratch (AutoConfig).")
     model_name_or_path: str | None = knob(None, "Fine-tune from a save_pretrained folder or a "
@@ -87,7 +98,7 @@ class TrainArgs(DataArgs):
     lr_warmup_epochs: NonNegativeFloat = knob(10.0, "LR warm-up (not ab_training.warmup_steps).")
     weight_decay: NonNegativeFloat = knob(0.1, "AdamW decay, not on biases and norms.")
     betas: tuple[float, float] = knob((0.9, 0.999), "AdamW betas.")
-    label_smoothing: float = knob(0.1, "Cross-entropy label smoothing, in [0, 1).")
+    label_smoothing: BelowOne = knob(0.1, "Cross-entropy label smoothing.")
     max_grad_norm: NonNegativeFloat = knob(1.0, "Clip the reduced gradients (0: off).")
     mixed_precision: Literal["no", "bf16", "fp16", "fp8"] = knob(
         "bf16", "no or bf16 (fp16 and fp8 are refused, with the reason).")
@@ -114,18 +125,12 @@ class TrainArgs(DataArgs):
             value = getattr(self, f.name)  # (they would end up pickled in the optimizer state)
             if type(value) not in (int, float, bool) and isinstance(value, (int, float)):
                 setattr(self, f.name, (int if isinstance(value, int) else float)(value))
-        for ok, what in [
-                (not (self.data_dir and self.dataset_name), "give data_dir or dataset_name, "
-                 "not both"),
-                (len(self.image_mean) == len(self.image_std), f"image_mean {self.image_mean} and "
-                 f"image_std {self.image_std} need one value per channel each"),
-                (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, f"crop_scale must be [low, "
-                 f"high] with 0 < low <= high <= 1, got {list(self.crop_scale)}"),
-                (0 < self.eval_crop_ratio <= 1, "eval_crop_ratio must be in (0, 1]"),
-                (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
-                (0 < self.validation_split < 1, "validation_split must be in (0, 1)")]:
-            if not ok:
-                raise ConfigError(what + ".")
+        if self.data_dir and self.dataset_name:
+            raise ConfigError("Give --data_dir (a local folder tree) or --dataset_name, not both.")
+        if len(self.image_mean) != len(self.image_std) or self.crop_scale[0] > self.crop_scale[1]:
+            raise ConfigError(f"image_mean {self.image_mean} and image_std {self.image_std} need "
+                              f"one value per channel, crop_scale {list(self.crop_scale)} is "
+                              f"[low, high].")
 
 
 @dataclass(frozen=True)
@@ -258,11 +263,6 @@ def _nodes_row(ns: Any, config: str | None, recipe: Recipe, world_size: int | No
 def launched_world_size() -> int:
     """The number of processes the launcher started ($WORLD_SIZE; 1 for a plain python run)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def deepspeed_launch() -> bool:
-    """True under `accelerate launch --use_deepspeed` (or a DeepSpeed accelerate config)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def ab_config(args: TrainArgs, world_size: int, from_scratch: bool) -> ABConfig:

@@ -56,25 +56,21 @@ class DDPTraffic:
     broadcasts DDP decides to make. Wire bytes: the ring estimate of ab_accel's meter."""
 
     def __init__(self, ddp_model: Any, world_size: int) -> None:
-        import torch.distributed as dist
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-        self.world_size, self.grad_bytes, self.buffer_bytes, self.calls = world_size, 0, 0, 0
-        self._allreduce, self._group = default_hooks.allreduce_hook, dist.group.WORLD
+        self.world_size, self.grad_bytes, self.buffer_bytes = world_size, 0, 0
+        self._allreduce = default_hooks.allreduce_hook
         ddp_model.register_comm_hook(self, DDPTraffic._hook)
         self._buffers = sum(b.numel() * b.element_size() for b in ddp_model.buffers())
-        if self._buffers:
-            ddp_model.register_forward_pre_hook(self._count_buffers)
+        ddp_model.register_forward_pre_hook(self._count_buffers)
 
     @staticmethod
     def _hook(state, bucket):  # no annotations: DDP checks them against dist.GradBucket
         state.grad_bytes += bucket.buffer().numel() * bucket.buffer().element_size()
-        state.calls += 1
-        return state._allreduce(state._group, bucket)
+        return state._allreduce(None, bucket)  # the default (world) process group
 
     def _count_buffers(self, module: Any, args: Any) -> None:
-        if module.will_sync_module_buffers():
-            self.buffer_bytes, self.calls = self.buffer_bytes + self._buffers, self.calls + 1
+        self.buffer_bytes += self._buffers if module.will_sync_module_buffers() else 0
 
     @property
     def wire_bytes(self) -> float:
@@ -86,8 +82,7 @@ class DDPTraffic:
                 self.wire_bytes, "bytes": self.grad_bytes + self.buffer_bytes, **self.state_dict()}
 
     def state_dict(self) -> dict[str, int]:
-        return {"grad_bytes": self.grad_bytes, "buffer_bytes": self.buffer_bytes,
-                "calls": self.calls}
+        return {"grad_bytes": self.grad_bytes, "buffer_bytes": self.buffer_bytes}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.__dict__.update(state)
@@ -162,29 +157,23 @@ def phase_of(ab_opt: Any) -> str:
     return str(ab_opt.schedule.phase(max(0, ab_opt.step_count - 1))) if ab_opt else "dp"
 
 
-def log_start(args: Any, accelerator: Any, model: Any, ab_opt: Any, total_steps: int,
-              steps_per_epoch: int) -> None:
+def log_start(args: Any, accelerator: Any, model: Any, ab_opt: Any, total_steps: int) -> None:
     """Who runs what, for how long, with which schedule."""
-    n, model = accelerator.num_processes, accelerator.unwrap_model(model)
-    logger.info("%d process(es) on %s (%s), mixed precision %s; model %s, %s parameters, %s; "
-                "batch %d global = %d per process x %d x %d accumulation; %d steps/epoch, %d "
-                "steps", n, accelerator.device.type, accelerator.distributed_type.value,
-                args.mixed_precision, type(model).__name__,
+    model, n = accelerator.unwrap_model(model), accelerator.num_processes
+    logger.info("%d process(es) on %s (%s), %s parameters, %s, %d steps of %d images",
+                n, accelerator.device.type, accelerator.distributed_type.value,
                 f"{sum(p.numel() for p in model.parameters()):,}",
                 f"fine-tuning {args.model_name_or_path}" if args.model_name_or_path
-                else "from scratch", args.batch_size, args.batch_size // (
-                    n * args.gradient_accumulation_steps), n, args.gradient_accumulation_steps,
-                steps_per_epoch, total_steps)
+                else "from scratch", total_steps, args.batch_size)
     if ab_opt is None:
         logger.info("AB-training off (--no-ab): plain data parallel (DDP all-reduce)")
-        return
-    c, plan, spans = ab_opt.config, ab_opt.groups.plan, ab_opt.schedule.describe(total_steps)
-    logger.info("AB-training: %d AB layers, sync_mode %s, rank_cutoff %s, orthogonal_init %s, "
-                "groups %s, roles %s; W0=%d T=%d F=%d R=%d: %s%s", len(ab_opt.ranks),
-                c.sync_mode, c.rank_cutoff, c.orthogonal_init, [list(g) for g in plan.groups],
-                [str(r) for r in plan.roles], c.warmup_steps, c.sync_every, c.rebound_steps,
-                c.lr_rebound_steps, ", ".join(f"{p} {a}-{b - 1}" for p, a, b in spans[:7]),
-                f" ... ({len(spans)} spans)" if len(spans) > 7 else "")
+    else:
+        spans = ab_opt.schedule.describe(total_steps)
+        logger.info("AB-training: %d layers, %s, groups %s, roles %s; %s%s", len(ab_opt.ranks),
+                    ab_opt.config.sync_mode, [list(g) for g in ab_opt.groups.plan.groups],
+                    [str(r) for r in ab_opt.groups.plan.roles],
+                    ", ".join(f"{p} {a}-{b - 1}" for p, a, b in spans[:7]),
+                    " ..." if len(spans) > 7 else "")
 
 
 def export_merged(model: Any, eval_ds: Any, args: Any, accelerator: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 from ab_accel import ABConfigError
 
 import data
-from args import ConfigError, Recipe, TrainArgs, ab_config, deepspeed_launch, launched_world_size
+from args import ConfigError, Recipe, TrainArgs, ab_config, launched_world_size
 from args import parse as parse_args
 
 logger = logging.getLogger("recipes")
@@ -79,7 +79,8 @@ def make_accelerator(args: TrainArgs, trackers: list[Any]) -> Any:
 
     cpu = not torch.cuda.is_available() if args.cpu == "auto" else args.cpu
     handlers = []
-    if deepspeed_launch():  # Accelerator(cpu=True) would turn DeepSpeed off: gloo by kwargs
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":  # cpu=True would turn
+        # DeepSpeed off: on CPU the processes form one gloo world through the kwargs instead
         handlers, cpu = ([InitProcessGroupKwargs(backend="gloo")] if cpu else []), False
     if not torch.cuda.is_available():  # accelerate's unwrap_model imports deepspeed when it is
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # installed: no "no GPU found" warning
@@ -246,7 +247,7 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, record.step,
                     record.epoch, record.batches_in_epoch)
     accelerator.init_trackers(recipe.name, config=report.hyperparameters(args))
-    report.log_start(args, accelerator, model, ab_opt, total_steps, steps_per_epoch)
+    report.log_start(args, accelerator, model, ab_opt, total_steps)
 
     # ---- train
     progress = tqdm(total=total_steps, initial=record.step, desc=recipe.name, dynamic_ncols=True,

@@ -1,12 +1,8 @@
-"""ViT image classification with AB-training (arXiv 2405.01067), launched by `accelerate launch`.
+"""ViT image classification with AB-training (arXiv 2405.01067): the loop is train_image.py.
 
     accelerate launch --config_file configs/accelerate_cpu.yaml recipes/vit.py   # CPU, digits
     accelerate launch --config_file configs/accelerate_multigpu.yaml recipes/vit.py \\
-        --data_dir /data/imagenet          # the paper's ViT-B/16 schedule for this many nodes
-    accelerate launch ... recipes/vit.py --no-ab      # the same run as plain DDP
-
-The loop is recipes/train_image.py (shared with resnet.py); the knobs are in recipes/args.py
-(--help lists them). See docs/recipes.md.
+        --data_dir /data/imagenet     # the paper's ViT-B/16 schedule for this number of nodes
 """
 
 import sys
@@ -14,11 +10,10 @@ import sys
 from args import Recipe
 from train_image import main
 
-RECIPE = Recipe(
-    name="vit", model_type="vit",
-    # ViTConfig fields from scratch: ViT-B/16 (the digits config makes it small)
-    model={"patch_size": 16, "hidden_size": 768, "num_hidden_layers": 12,
-           "num_attention_heads": 12, "intermediate_size": 3072},
+RECIPE = Recipe(  # ViTConfig fields from scratch: ViT-B/16 (the digits config makes it small)
+    name="vit", model_type="vit", model={"patch_size": 16, "hidden_size": 768,
+                                         "num_hidden_layers": 12, "num_attention_heads": 12,
+                                         "intermediate_size": 3072},
     digits_config="configs/vit_digits.yaml", imagenet_config="configs/vit_b16_imagenet.yaml",
     imagenet_note="ViT-B/16 at 224 px, global batch 2048-4096, the paper's ImageNet run")
 
