@@ -62,7 +62,7 @@ class DataArgs:
     train_split: str = knob("train", "The split to train on.")
     eval_split: str = knob("auto", "auto: validation, val, valid or test; if none exists, "
                            "validation_split of train.")
-    validation_split: OpenUnitInterval = knob(0.1, "Share of train held out when there is no eval split.")
+    validation_split: OpenUnitInterval = knob(0.1, "Share of train held out without an eval split.")
     image_column: str = knob("auto", "auto: image, img or pixel_values.")
     label_column: str = knob("auto", "A ClassLabel column. auto: label, labels or fine_label.")
     cache_dir: str | None = knob(None, "datasets' cache (None: ~/.cache/huggingface/datasets).")
