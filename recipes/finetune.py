@@ -1,17 +1,15 @@
-"""Fine-tune an image-classification model with the HF Trainer and AB-training (arXiv 2405.01067).
+"""Fine-tune an image classifier with the HF Trainer and AB-training (arXiv 2405.01067).
 
-    python recipes/finetune.py --model_name_or_path <folder or hub id> --output_dir runs/ft \\
+    python recipes/finetune.py --model_name_or_path <folder or hub id> --output_dir runs/ft \
         --ab_training '{"warmup_steps": 20, "sync_every": 20, "rebound_steps": 2}' --max_steps 100
-    torchrun --nproc_per_node 4 recipes/finetune.py --model_name_or_path <model> \\
+    torchrun --nproc_per_node 4 recipes/finetune.py --model_name_or_path <model> \
         --data_dir /data/pets --output_dir runs/ft --ab_training.sync_every 50
-    deepspeed --num_gpus 4 recipes/finetune.py --model_name_or_path <model> \\
+    deepspeed --num_gpus 4 recipes/finetune.py --model_name_or_path <model> \
         --deepspeed configs/ds_ab_zero0_bf16.json --output_dir runs/ft  # the JSON's "ab_training"
 
-Every ``transformers.TrainingArguments`` flag works beside the knobs below (one jsonargparse
-parser; ``--help`` lists all). Data and transforms are recipes/data.py's: an unreadable image is
-skipped with one warning. At the end the groups are reconciled, the AB layers merged and the
-model saved to ``<output_dir>/merged`` (plain transformers loads it); ``ab_summary.json`` holds
-the final metrics, rank 0's traffic and the compression before the merge.
+Every ``TrainingArguments`` flag works beside the knobs below (one jsonargparse parser; --help).
+The data is recipes/data.py's. At the end: the groups reconciled, the AB layers merged, the model
+saved to ``<output_dir>/merged`` (plain transformers loads it) and ``ab_summary.json``.
 """
 
 from __future__ import annotations

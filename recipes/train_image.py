@@ -9,7 +9,6 @@ line, ``ab_accel.prepare`` in place of ``accelerator.prepare``, and at the end
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -20,53 +19,11 @@ from typing import Any
 from ab_accel import ABConfigError
 
 import data
+import modeling
 from args import ConfigError, Recipe, TrainArgs, ab_config, launched_world_size
 from args import parse as parse_args
 
 logger = logging.getLogger("recipes")
-
-
-def check_model_keys(model_type: str, values: dict[str, Any]) -> None:
-    """The model block holds fields of the model type's config class (a typo stops here)."""
-    import difflib
-
-    from transformers import CONFIG_MAPPING
-
-    cls = CONFIG_MAPPING[model_type]
-    known = set(cls().to_dict())
-    for key in values:
-        if key in ("image_size", "num_channels", "num_labels", "id2label", "label2id"):
-            raise ConfigError(f"model.{key} is set by the recipe (image_size and image_mean at "
-                              f"the top level, the labels from the data): remove it.")
-        if key not in known:
-            hint = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-            raise ConfigError(f"model.{key} is not a {cls.__name__} field."
-                              + (f" Did you mean {hint[0]!r}?" if hint else ""))
-
-
-def build_model(args: TrainArgs, labels: list[str]) -> Any:
-    """AutoConfig.for_model(model_type, **model) from scratch, or from_pretrained (a new head)."""
-    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForImageClassification
-
-    id2label = dict(enumerate(labels))
-    heads = {"num_labels": len(labels), "id2label": id2label,
-             "label2id": {name: i for i, name in id2label.items()}}
-    if args.model_name_or_path:
-        model = AutoModelForImageClassification.from_pretrained(
-            args.model_name_or_path, ignore_mismatched_sizes=True, **heads)
-        size = getattr(model.config, "image_size", args.image_size)
-        if size != args.image_size:
-            raise ConfigError(f"{args.model_name_or_path} was trained on {size}px images but "
-                              f"image_size is {args.image_size}: pass --image_size {size}.")
-    else:
-        if "image_size" in CONFIG_MAPPING[args.model_type]().to_dict():
-            heads["image_size"] = args.image_size
-        model = AutoModelForImageClassification.from_config(AutoConfig.for_model(
-            args.model_type, num_channels=len(args.image_mean), **heads, **args.model))
-    if model.config.num_channels != len(args.image_mean):
-        raise ConfigError(f"the model takes {model.config.num_channels}-channel images but "
-                          f"image_mean has {len(args.image_mean)} values: one per channel.")
-    return model
 
 
 def make_accelerator(args: TrainArgs, trackers: list[Any]) -> Any:
@@ -100,22 +57,6 @@ def make_accelerator(args: TrainArgs, trackers: list[Any]) -> Any:
     transformers.utils.logging.disable_progress_bar()
     os.makedirs(args.output_dir, exist_ok=True)
     return accelerator
-
-
-def lr_schedule(optimizer: Any, total_steps: int, warmup_steps: int, lr_start: float,
-                min_lr: float) -> Any:
-    """Linear warm-up from lr_start to the optimizer's lr, then cosine to min_lr at total_steps:
-    torch's SequentialLR(LinearLR, CosineAnnealingLR), stepped once per optimizer step (not
-    prepared: Accelerate's wrapper would step it once per process). AB-training's LR rebound
-    multiplies it inside ABOptimizer.step()."""
-    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
-
-    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=min_lr)
-    if not warmup_steps:
-        return cosine
-    start = min(1.0, max(lr_start / optimizer.param_groups[0]["lr"], 1e-12))
-    warm = LinearLR(optimizer, start_factor=start, total_iters=warmup_steps)
-    return SequentialLR(optimizer, [warm, cosine], milestones=[warmup_steps])
 
 
 def top_k_hits(ranked: Any, labels: Any) -> tuple[int, int]:
@@ -171,7 +112,7 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     resume_dir, from_scratch = checkpoint_dir(args), not args.model_name_or_path
     ab_config(args, launched_world_size(), from_scratch)  # groups that fit the launched world
     if from_scratch:
-        check_model_keys(args.model_type, args.model)
+        modeling.check_model_keys(args.model_type, args.model)
     started = time.time()
 
     import torch
@@ -211,16 +152,10 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
                                      args.num_workers, pin_memory=accelerator.device.type == "cuda")
 
     # ---- model, optimizer, AB-training (the one changed line: ab_accel.prepare), LR schedule
-    model = build_model(args, labels)
+    model = modeling.build_model(args, labels)
     config = ab_config(args, world, from_scratch)
-    if not config.enabled and config.orthogonal_init:  # --no-ab: the AB run's initial weights
-        with torch.random.fork_rng(devices=[]):  # (merge builds new layers: keep the RNG)
-            ab_accel.merge(ab_accel.convert(model, dataclasses.replace(config, enabled=True)))
-    matrices = [p for p in model.parameters() if p.dim() >= 2]  # decay: not biases and norms
-    optimizer = torch.optim.AdamW([
-        {"params": matrices, "weight_decay": args.weight_decay},
-        {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
-        lr=args.lr, betas=args.betas)
+    modeling.same_init_without_ab(model, config)
+    optimizer = modeling.adamw(model, args)
     plugin = accelerator.state.deepspeed_plugin  # the JSON's key was read by ab_config: give
     if plugin is not None and DEEPSPEED_KEY in plugin.deepspeed_config:  # prepare the one config
         plugin.deepspeed_config[DEEPSPEED_KEY] = config.to_dict()  # resolved (--no-ab, init)
@@ -229,8 +164,8 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     ab_opt = ab_optimizer(optimizer) if config.enabled else None
     steps_per_epoch = -(-len(train_dl) // accumulation)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
-    scheduler = lr_schedule(optimizer, total_steps, round(args.lr_warmup_epochs * steps_per_epoch),
-                            args.lr_start, args.min_lr)
+    scheduler = modeling.lr_schedule(optimizer, total_steps, round(
+        args.lr_warmup_epochs * steps_per_epoch), args.lr_start, args.min_lr)
     ddp = None
     if ab_opt is None and isinstance(model, torch.nn.parallel.DistributedDataParallel):
         ddp = report.DDPTraffic(model, world)  # what plain DP sends, counted by a comm hook

@@ -33,6 +33,7 @@ RECIPES = os.path.join(ROOT, "recipes")
 sys.path.insert(0, RECIPES)
 import args  # noqa: E402  (recipes/args.py)
 import data  # noqa: E402
+import modeling  # noqa: E402
 import resnet  # noqa: E402
 import train_image  # noqa: E402
 import vit  # noqa: E402
@@ -286,7 +287,7 @@ def test_wrong_config_key_stops_before_training(tmp_path):
     assert proc.returncode == 2 and "did you mean 'sync_every'" in proc.stderr
     with pytest.raises(args.ConfigError, match="not a ViTConfig field. Did you mean "
                                                "'hidden_size'"):
-        train_image.check_model_keys("vit", {"hiden_size": 8})
+        modeling.check_model_keys("vit", {"hiden_size": 8})
 
 
 def test_missing_data_folder_stops_with_the_expected_layout(tmp_path):
@@ -338,7 +339,7 @@ def test_top_k_accuracy_counts_ranked_predictions():
 def test_learning_rate_warms_up_then_follows_the_cosine():
     # torch's schedulers, stepped once per optimizer step: the lr of steps 0 .. 110
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = train_image.lr_schedule(opt, total_steps=110, warmup_steps=10, lr_start=0.1,
+    sched = modeling.lr_schedule(opt, total_steps=110, warmup_steps=10, lr_start=0.1,
                                     min_lr=0.0)
     lr = []
     for _ in range(111):
