@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .comm import TrafficMeter
 from .config import ABConfig, ABConfigError
-from .layers import ABConv1D, ABConv2d, ABLayer, ABLinear
+from .layers import ABConv1D, ABConv2d, ABLayer, ABLinear, factored_state_dict
 from .model import compression, convert, merge, select_layers
 from .optimizer import ABOptimizer
 from .schedule import ABSchedule
+from .vocab import Event, LayerMode, Phase
 
 __version__ = "0.1.0"
 
@@ -33,5 +34,6 @@ __all__ = [
     "ABConfig", "ABConfigError", "ABOptimizer", "ABSchedule", "TrafficMeter",
     "ABLayer", "ABLinear", "ABConv2d", "ABConv1D",
     "convert", "merge", "compression", "select_layers", "prepare",
-    "save_checkpoint", "load_checkpoint", "__version__",
+    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "factored_state_dict",
+    "Phase", "Event", "LayerMode", "__version__",
 ]

@@ -51,7 +51,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from . import support
-from .checkpoint import META, SHARDS_DIR, load_checkpoint, save_checkpoint
+from .checkpoint import META, SHARDS_DIR, is_complete, load_checkpoint, save_checkpoint
 from .config import ABConfig, resolve_config
 from .ddp import hand_reduction_to_ab, ignore_factorized_weights
 from .model import ab_layers, convert, why_nothing_to_factorize
@@ -374,7 +374,7 @@ def _register(accelerator: Any, model: nn.Module, prepared_opt: Any, ab: ABOptim
 
     def load_hook(models: list[Any], input_dir: str) -> None:
         folder = os.path.join(input_dir, CHECKPOINT_DIR)
-        if not os.path.exists(os.path.join(folder, META)):
+        if not is_complete(folder):
             warnings.warn(
                 f"{input_dir!r} holds no AB-training shards ({CHECKPOINT_DIR}/{META}): every "
                 f"rank loads the main process's model and optimizer state, and the AB step "

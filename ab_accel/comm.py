@@ -15,7 +15,7 @@ Collectives over a group of one rank move nothing and are skipped (and not count
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +43,32 @@ def wire_factor(op: str, group_size: int) -> float:
     if op == "all_gather":
         return float(g - 1)
     raise ValueError(f"unknown collective {op!r}")
+
+
+class PendingMean:
+    """An asynchronous bucket mean of :meth:`Communicator.launch_mean`; wait() finishes it."""
+
+    def __init__(self, comm: Communicator, work: Any, flat: torch.Tensor, wire: torch.Tensor,
+                 tensors: list[torch.Tensor], denom: float | None, ranks: Sequence[int],
+                 phase: str) -> None:
+        self.comm, self.work, self.flat, self.wire = comm, work, flat, wire
+        self.tensors, self.denom, self.ranks, self.phase = tensors, denom, ranks, phase
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.comm._run(self.work.wait, "all-reduce", self.ranks, self.phase)
+        if self.wire is not self.flat:
+            self.flat.copy_(self.wire)
+        if self.denom is not None:
+            self.flat.div_(self.denom)
+        offset = 0
+        for t in self.tensors:
+            t.copy_(self.flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+class PeerError(RuntimeError):
+    """A collective failed because a peer died or stopped answering; names phase and step."""
 
 
 class TrafficMeter:
@@ -152,9 +178,28 @@ class Communicator:
     """
 
     def __init__(self, meter: TrafficMeter | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu",
+                 where: Callable[[], str] | None = None) -> None:
         self.meter = meter if meter is not None else TrafficMeter()
         self.device = torch.device(device)
+        #: The dtype of floating-point payloads on the wire (None: their own); see launch_mean.
+        self.wire_dtype: torch.dtype | None = None
+        #: Says where training is (the optimizer's step) for the error of a failed collective.
+        self.where = where or (lambda: "")
+
+    def _run(self, call: Callable[[], Any], op: str, ranks: Sequence[int], phase: str) -> None:
+        """A torch.distributed call; a failure (a dead or silent peer: gloo and NCCL raise once
+        the peer's connection drops or the group's timeout passes) names the phase and step."""
+        try:
+            call()
+        except (RuntimeError, dist.DistError) as exc:
+            where = self.where()
+            raise PeerError(
+                f"The {op} of the {phase} phase{' at ' + where if where else ''} over ranks "
+                f"{list(ranks)} failed: a peer process died or stopped answering ({exc}). "
+                f"Resume every rank from the last complete checkpoint (the recipes: "
+                f"--resume_from_checkpoint latest; torchrun --max-restarts does it for you); "
+                f"ab_training.collective_timeout_s sets how long a collective waits.") from exc
 
     @staticmethod
     def active() -> bool:
@@ -166,7 +211,8 @@ class Communicator:
         if len(ranks) <= 1 or not self.active():
             return tensor
         self.meter.record("all_reduce", tensor.numel() * tensor.element_size(), ranks, phase)
-        dist.all_reduce(tensor, op=op if op is not None else dist.ReduceOp.SUM, group=group)
+        self._run(lambda: dist.all_reduce(tensor, op=op if op is not None else dist.ReduceOp.SUM,
+                                          group=group), "all-reduce", ranks, phase)
         return tensor
 
     def broadcast(self, tensor: torch.Tensor, src: int, group: Any, ranks: Sequence[int],
@@ -175,7 +221,7 @@ class Communicator:
         if len(ranks) <= 1 or not self.active():
             return tensor
         self.meter.record("broadcast", tensor.numel() * tensor.element_size(), ranks, phase)
-        dist.broadcast(tensor, src=src, group=group)
+        self._run(lambda: dist.broadcast(tensor, src=src, group=group), "broadcast", ranks, phase)
         return tensor
 
     # -------------------------------------------------------------- coalesced helpers
@@ -194,18 +240,42 @@ class Communicator:
                 for t, w in zip(tensors, weights, strict=True):
                     t.mul_(w / divisor)
             return
-        denom = float(divisor if divisor is not None else len(ranks))
         scale = [1.0] * len(tensors) if weights is None else list(weights)
         for bucket in _buckets(tensors):
-            flat = torch.cat([(tensors[i] * scale[i] if scale[i] != 1.0 else tensors[i])
-                              .reshape(-1) for i in bucket])
-            self.all_reduce(flat, group, ranks, phase)
+            self.launch_mean([tensors[i] for i in bucket], group, ranks, phase,
+                             [scale[i] for i in bucket], divisor).wait()
+
+    def launch_mean(self, tensors: list[torch.Tensor], group: Any, ranks: Sequence[int],
+                    phase: str, weights: Sequence[float] | None = None,
+                    divisor: float | None = None) -> PendingMean:
+        """Start the mean of one bucket (tensors of one dtype and device) as an asynchronous
+        all-reduce; :meth:`PendingMean.wait` finishes it and writes the result back.
+
+        With a ``wire_dtype`` narrower than the tensors', the bucket is divided by the
+        denominator in its own precision first (so the sum on the wire cannot exceed the
+        largest value a rank sent), cast to the wire dtype, summed by the collective, and cast
+        back into the tensors' precision: what torch's bf16/fp16 compression hooks do. The
+        meter counts the bytes sent, in the wire dtype.
+        """
+        denom = float(divisor if divisor is not None else len(ranks))
+        scale = [1.0] * len(tensors) if weights is None else list(weights)
+        flat = torch.cat([(t * w if w != 1.0 else t).reshape(-1)
+                          for t, w in zip(tensors, scale, strict=True)])
+        wire = flat
+        cast = (self.wire_dtype is not None and flat.is_floating_point()
+                and flat.element_size() > torch.empty((), dtype=self.wire_dtype).element_size())
+        if cast:
             flat.div_(denom)
-            offset = 0
-            for i in bucket:
-                t = tensors[i]
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                offset += t.numel()
+            wire = flat.to(self.wire_dtype)
+        work = None
+        if len(ranks) > 1 and self.active():
+            self.meter.record("all_reduce", wire.numel() * wire.element_size(), ranks, phase)
+            holder: list[Any] = []
+            self._run(lambda: holder.append(dist.all_reduce(wire, group=group, async_op=True)),
+                      "all-reduce", ranks, phase)
+            work = holder[0]
+        return PendingMean(self, work, flat, wire, tensors, None if cast else denom, ranks,
+                           phase)
 
     def broadcast_(self, tensors: Iterable[torch.Tensor], src: int, group: Any,
                    ranks: Sequence[int], phase: str) -> None:
@@ -228,7 +298,7 @@ class Communicator:
             return [tensor]
         self.meter.record("all_gather", tensor.numel() * tensor.element_size(), ranks, phase)
         out = [torch.empty_like(tensor) for _ in ranks]
-        dist.all_gather(out, tensor, group=group)
+        self._run(lambda: dist.all_gather(out, tensor, group=group), "all-gather", ranks, phase)
         return out
 
     def flags_of(self, flag: bool, group: Any, ranks: Sequence[int], phase: str

@@ -74,6 +74,22 @@ class ABConfig:
         default=1,
         metadata={"help": "Lower bound on the rank kept by a factorization."},
     )
+    rank_energy: float | None = field(
+        default=None,
+        metadata={"help": "Instead of rank_cutoff: keep the fewest singular values whose "
+                          "squares hold this share (0 < e <= 1) of the weight's spectral energy, "
+                          "e.g. 0.99 (a fine-tuner's 'keep 99% of the energy')."},
+    )
+    rank_fraction: float | None = field(
+        default=None,
+        metadata={"help": "Instead of rank_cutoff: keep ceil(f * min(out, in)) singular values "
+                          "(0 < f <= 1)."},
+    )
+    fixed_rank: int | None = field(
+        default=None,
+        metadata={"help": "Instead of rank_cutoff: keep this many singular values in every "
+                          "factorized layer (e.g. 64), capped at the layer's break-even rank."},
+    )
     group_size: int | str | None = field(
         default=None,
         metadata={"help": "Ranks per group; groups are consecutive ranks. The number of groups "
@@ -106,12 +122,36 @@ class ABConfig:
         metadata={"help": "At conversion, set every factorized weight's singular values to 1 "
                           "(W <- U V^T), as the paper does when training from scratch."},
     )
+    lean_memory: bool = field(
+        default=False,
+        metadata={"help": "For fine-tuning in little memory: every switch works layer by layer "
+                          "(sync, W <- A B, SVD, factorize one layer at a time), so at most one "
+                          "dense weight exists at a time and no dense weight ever gets "
+                          "optimizer state. Needs warmup_steps=0 and rebound_steps=0 (no dense "
+                          "steps at all)."},
+    )
     max_skipped_steps: int = field(
         default=10,
-        metadata={"help": "A step whose reduced gradients are non-finite (NaN or inf) on any rank "
-                          "is skipped on every rank (parameters and optimizer state untouched) "
-                          "and counted; this many consecutive skips stop training with an error "
-                          "naming the step, the phase and the ranks. 0: stop at the first."},
+        metadata={"help": "A step whose gradients are non-finite (NaN or inf) on any rank is "
+                          "skipped on every rank (parameters and optimizer state untouched) and "
+                          "counted. Up to this many are skipped in a row; one more stops "
+                          "training with an error naming the step, the phase and the ranks. "
+                          "0: stop at the first."},
+    )
+    collective_timeout_s: float | None = field(
+        default=None,
+        metadata={"help": "Seconds an AB collective waits for its peers before it fails with an "
+                          "error naming the phase and the step (ab_accel then uses its own "
+                          "process groups with this timeout). None: the process group's own "
+                          "(30 minutes under torchrun and Accelerate)."},
+    )
+    accept_resume_changes: bool = field(
+        default=False,
+        metadata={"help": "Resuming from a checkpoint written with a different AB schedule "
+                          "(warmup_steps, sync_every, rebound_steps, sync_mode, rank_cutoff, "
+                          "group_size, ...) or world size is refused with what differs; true "
+                          "accepts the change (a new world size only where the checkpoint's "
+                          "groups held one model)."},
     )
 
     def __post_init__(self) -> None:
@@ -184,10 +224,50 @@ class ABConfig:
                     f"ab_training.{name} must be a list of module-name suffixes or one regex "
                     f"string, got {value!r}."
                 )
+        timeout = self.collective_timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, (int, float)) or timeout <= 0):
+            raise ABConfigError(f"ab_training.collective_timeout_s must be a number of seconds "
+                                f"> 0 (or null for the process group's own), got {timeout!r}.")
+        rules = [n for n in ("rank_energy", "rank_fraction", "fixed_rank")
+                 if getattr(self, n) is not None]
+        if len(rules) > 1:
+            raise ABConfigError(f"ab_training: give at most one of rank_energy, rank_fraction "
+                                f"and fixed_rank (got {', '.join(rules)}); each replaces "
+                                f"rank_cutoff with its own rule.")
+        for name in ("rank_energy", "rank_fraction"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(
+                    value, (int, float)) or not 0.0 < value <= 1.0):
+                raise ABConfigError(f"ab_training.{name} must be a number in (0, 1], got "
+                                    f"{value!r}.")
+        if self.fixed_rank is not None:
+            _int("fixed_rank", 1)
+        if not isinstance(self.lean_memory, bool):
+            raise ABConfigError(f"ab_training.lean_memory must be true or false, got "
+                                f"{self.lean_memory!r}.")
+        if self.lean_memory and self.sync_mode == "full":
+            raise ABConfigError(
+                "ab_training.lean_memory averages the factors at a sync; sync_mode 'full' "
+                "averages every rank's dense product A_i B_i, which needs the dense weights. Use "
+                "sync_mode 'with-stale', 'only-learned' or 'only-b' with lean_memory.")
+        if self.lean_memory and (self.warmup_steps or self.rebound_steps):
+            raise ABConfigError(
+                f"ab_training.lean_memory needs warmup_steps=0 and rebound_steps=0 (got "
+                f"{self.warmup_steps} and {self.rebound_steps}): its point is that no step is "
+                f"dense, so no dense weight ever gets gradients or optimizer state.")
+        if not isinstance(self.accept_resume_changes, bool):
+            raise ABConfigError("ab_training.accept_resume_changes must be true or false, got "
+                                f"{self.accept_resume_changes!r}.")
         if not isinstance(self.orthogonal_init, bool):
             raise ABConfigError(
                 f"ab_training.orthogonal_init must be true or false, got {self.orthogonal_init!r}."
             )
+
+    def rank_rule(self) -> dict[str, Any]:
+        """The keywords of :func:`ab_accel.layers.cut_rank` for the configured rank rule."""
+        return {"energy": self.rank_energy, "fraction": self.rank_fraction,
+                "fixed": self.fixed_rank}
 
     def resolve_group_size(self, world_size: int) -> int:
         """The group size for a world of ``world_size`` ranks, checked to fit.

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from . import support
-from .checkpoint import META, SHARDS_DIR, shard_name
+from .checkpoint import META, SHARDS_DIR, is_complete
 from .checkpoint import load_checkpoint as _load_ab_checkpoint
 from .checkpoint import save_checkpoint as _save_ab_checkpoint
 from .config import DEEPSPEED_KEY, ABConfig, ABConfigError, load_deepspeed_json, resolve_config
@@ -282,29 +282,26 @@ def _ab_load_checkpoint(self: Any, load_dir: str, tag: Any = None, load_module_s
                         load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True, load_module_only: bool = False,
                         custom_load_fn: Any = None) -> Any:
-    """DeepSpeed's load_checkpoint (rank 0's module and optimizer state, the scheduler, the
-    counters), then this rank's own group shard on top."""
+    """DeepSpeed's load_checkpoint (rank 0's module state, the scheduler, the counters), then
+    this rank's own group shard on top (its factors and its optimizer state: DeepSpeed's file
+    holds rank 0's dense export and optimizer, which are not loaded into the ABOptimizer)."""
+    ab_dir = _tag_dir(self, load_dir, tag)
+    has_shards = ab_dir is not None and is_complete(ab_dir)
     out = self._ab_original_load_checkpoint(
         load_dir, tag, load_module_strict=load_module_strict,
-        load_optimizer_states=load_optimizer_states,
+        load_optimizer_states=load_optimizer_states and not has_shards,
         load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
         custom_load_fn=custom_load_fn)
     if out is None or out[0] is None:
         return out
-    ab_dir = _tag_dir(self, load_dir, tag)
-    if ab_dir is None or not os.path.isfile(os.path.join(ab_dir, META)):
+    if not has_shards:
         warnings.warn(
             f"The DeepSpeed checkpoint in {load_dir!r} holds no AB-training shards "
             f"({AB_CHECKPOINT_DIR}/{META}): every rank continues from rank 0's model and "
             f"optimizer state.", stacklevel=2)
         return out
-    if load_module_only or not load_optimizer_states:
-        gi = self.ab_optimizer.groups.group_index if self.ab_optimizer.groups else 0
-        state = torch.load(os.path.join(ab_dir, shard_name(gi)), map_location="cpu",
-                           weights_only=False)
-        self.module.load_state_dict(state["model"])
-    else:
-        _load_ab_checkpoint(ab_dir, self.module, self.ab_optimizer)
+    _load_ab_checkpoint(ab_dir, self.module, self.ab_optimizer,
+                        model_only=load_module_only or not load_optimizer_states)
     return out
 
 

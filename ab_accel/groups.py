@@ -11,6 +11,7 @@ the torch.distributed groups, in the same order on every rank, as torch requires
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +110,10 @@ def build_groups(config: ABConfig, world: Any = None) -> ABGroups:
         world_ranks = dist.get_process_group_ranks(world)
     else:
         world_ranks = list(range(world_size))
+    timeout = (None if config.collective_timeout_s is None
+               else datetime.timedelta(seconds=float(config.collective_timeout_s)))
+    if timeout is not None:  # a world group of our own, with the configured timeout
+        world = dist.new_group(world_ranks, timeout=timeout)
     handles = []
     own = None
     for g, ranks in enumerate(plan.groups):
@@ -116,7 +121,7 @@ def build_groups(config: ABConfig, world: Any = None) -> ABGroups:
         if plan.group_size == world_size:
             handle = world  # one group == the world: reuse it rather than create a copy
         else:
-            handle = dist.new_group(global_ranks)
+            handle = dist.new_group(global_ranks, timeout=timeout)
         handles.append(handle)
         if g == plan.group_index(rank):
             own = handle

@@ -18,11 +18,22 @@ by a 1 x 1 conv) whenever that costs fewer multiply-adds than rebuilding W and r
 op; under the break-even cap it always does, but the rule is kept explicit.
 
 Layers know nothing about groups or torch.distributed: the optimizer tells them what to train.
+
+State dicts. What a layer saves for the outside world (``state_dict()``, so ``save_pretrained``,
+the Trainer's model file, Accelerate's ``save_model``) is always the dense ``weight`` (W = A B in
+AB mode) under the original key, so plain torch or transformers loads it with no missing or
+unexpected keys. Inside :func:`factored_state_dict` (what ab_accel's per-group checkpoint shards
+use) an AB-mode layer saves ``A`` and ``B`` instead: the exact-resume format. Loading accepts
+both: a file with ``A``/``B`` puts the layer in AB mode at that rank, one with ``weight`` in full
+mode.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,6 +42,20 @@ from torch import nn
 
 from .vocab import LayerMode, Role
 
+_FACTORS_IN_STATE_DICT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ab_accel_factors_in_state_dict", default=False)
+
+
+@contextlib.contextmanager
+def factored_state_dict() -> Iterator[None]:
+    """Within this block, AB-mode layers put ``A`` and ``B`` in ``state_dict()`` (exact resume)
+    instead of the dense ``weight = A B`` (export)."""
+    token = _FACTORS_IN_STATE_DICT.set(True)
+    try:
+        yield
+    finally:
+        _FACTORS_IN_STATE_DICT.reset(token)
+
 
 def break_even_rank(out_dim: int, in_dim: int) -> int:
     """Largest rank r with r (m + n) <= m n: a factored layer is never larger than dense."""
@@ -38,10 +63,24 @@ def break_even_rank(out_dim: int, in_dim: int) -> int:
 
 
 def cut_rank(singular_values: torch.Tensor, rank_cutoff: float, min_rank: int,
-             max_rank: int) -> int:
-    """r = #{s_i > tau * s_1}, clamped to [min_rank, max_rank] (and at least 1)."""
+             max_rank: int, *, energy: float | None = None, fraction: float | None = None,
+             fixed: int | None = None) -> int:
+    """The rank a factorization keeps, clamped to [min_rank, max_rank] (and at least 1).
+
+    One rule: ``fixed`` (that rank), ``fraction`` (ceil(fraction * min(m, n))), ``energy``
+    (the fewest leading singular values whose squares hold that share of sum(s_i^2)), or the
+    paper's cutoff r = #{s_i > tau * s_1} with tau = ``rank_cutoff``.
+    """
     s = singular_values
-    count = int((s > rank_cutoff * s[0]).sum().item()) if s.numel() else 0
+    if fixed is not None:
+        count = fixed
+    elif fraction is not None:
+        count = math.ceil(fraction * s.numel())
+    elif energy is not None:
+        share = torch.cumsum(s.double() ** 2, 0) / (s.double() ** 2).sum().clamp_min(1e-300)
+        count = int((share < energy - 1e-12).sum().item()) + 1
+    else:
+        count = int((s > rank_cutoff * s[0]).sum().item()) if s.numel() else 0
     r = max(count, min_rank, 1)
     return max(1, min(r, max_rank))
 
@@ -139,10 +178,11 @@ class ABLayer(nn.Module):
         return [self.weight]
 
     # ------------------------------------------------------------------ switches
-    def proposed_rank(self, rank_cutoff: float, min_rank: int = 1) -> int:
-        """Rank the cut would keep for the current W. Caches the SVD for :meth:`factorize`."""
+    def proposed_rank(self, rank_cutoff: float, min_rank: int = 1, **rule: Any) -> int:
+        """Rank the cut would keep for the current W (``rule``: the keywords of
+        :func:`cut_rank`). Caches the SVD for :meth:`factorize`."""
         self._svd_cache = _svd(self.matrix())
-        return cut_rank(self._svd_cache[1], rank_cutoff, min_rank, self.max_rank)
+        return cut_rank(self._svd_cache[1], rank_cutoff, min_rank, self.max_rank, **rule)
 
     @torch.no_grad()
     def factorize(self, rank: int) -> None:
@@ -243,6 +283,17 @@ class ABLayer(nn.Module):
             raise
 
     # ------------------------------------------------------------------ state dicts
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
+                            keep_vars: bool) -> None:
+        if self.mode == LayerMode.AB and not _FACTORS_IN_STATE_DICT.get():
+            # The export: the dense weight under its original key (see the module docstring).
+            with torch.no_grad():
+                destination[prefix + "weight"] = self._matrix_to_weight(self.A @ self.B)
+            if self.bias is not None:
+                destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+            return
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # A checkpoint taken in the other mode restructures the layer first, so that

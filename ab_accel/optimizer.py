@@ -114,7 +114,7 @@ class ABOptimizer(torch.optim.Optimizer):
             # Disabled: a warm-up that never ends, i.e. plain data parallel (still metered).
             self.schedule = ABSchedule(warmup_steps=2**62, sync_every=1, rebound_steps=0)
         self.traffic = TrafficMeter()
-        self.comm = Communicator(self.traffic)
+        self.comm = Communicator(self.traffic, where=lambda: f"step {self._step}")
         self.process_group = process_group
         self.groups: ABGroups | None = None
         self.model: nn.Module | None = None
@@ -524,7 +524,7 @@ class ABOptimizer(torch.optim.Optimizer):
         self._check_finite(event, [t for layer in layers for t in layer.factor_params()]
                            + [p.data for p in self._dense_params] + self._buffers)
         if event == Event.SYNC:
-            self._sync()
+            self._sync(final)
         elif event == Event.FACTORIZE:
             self._factorize()
         self._refresh()
@@ -541,16 +541,28 @@ class ABOptimizer(torch.optim.Optimizer):
     def _factorize(self) -> None:
         """SVD every W, cut at tau, agree the ranks (MAX), check every rank got the same A, B."""
         cfg = self.config
-        layers = [layer for _, layer in self._layers if layer.mode == LayerMode.FULL]
-        if not layers:
-            return
-        start = time.perf_counter()
-        proposed = [layer.proposed_rank(cfg.rank_cutoff, cfg.min_rank) for layer in layers]
-        self.svd_seconds += time.perf_counter() - start
         world, ranks = self.groups.world, self._world_ranks
-        agreed = self.comm.max_int(proposed, world, ranks, TrafficLabel.SYNC)
-        for layer, rank in zip(layers, agreed, strict=True):
-            layer.factorize(rank)
+        if cfg.lean_memory:
+            # Layer by layer: one SVD (and one dense matrix, W or A B) alive at a time; the
+            # layers left in AB mode by a lean sync are re-factorized from their product.
+            layers = [layer for _, layer in self._layers]
+            for layer in layers:
+                start = time.perf_counter()
+                proposed = layer.proposed_rank(cfg.rank_cutoff, cfg.min_rank, **cfg.rank_rule())
+                self.svd_seconds += time.perf_counter() - start
+                layer.factorize(self.comm.max_int([proposed], world, ranks,
+                                                  TrafficLabel.SYNC)[0])
+        else:
+            layers = [layer for _, layer in self._layers if layer.mode == LayerMode.FULL]
+            if not layers:
+                return
+            start = time.perf_counter()
+            proposed = [layer.proposed_rank(cfg.rank_cutoff, cfg.min_rank, **cfg.rank_rule())
+                        for layer in layers]
+            self.svd_seconds += time.perf_counter() - start
+            agreed = self.comm.max_int(proposed, world, ranks, TrafficLabel.SYNC)
+            for layer, rank in zip(layers, agreed, strict=True):
+                layer.factorize(rank)
         if not self.comm.agree([_digest(layers)], world, ranks, TrafficLabel.SYNC):
             # Mixed hardware gave different SVDs: take rank 0's factors.
             self.comm.broadcast_([t for layer in layers for t in (layer.A.data, layer.B.data)],
@@ -558,8 +570,10 @@ class ABOptimizer(torch.optim.Optimizer):
                                  phase=TrafficLabel.SYNC)
 
     @torch.no_grad()
-    def _sync(self) -> None:
-        """Reconcile the groups by ``sync_mode``, then W <- A B on every layer."""
+    def _sync(self, final: bool = False) -> None:
+        """Reconcile the groups by ``sync_mode``, then W <- A B on every layer (with
+        ``lean_memory``, except at the end of training, the layers keep their synced factors:
+        the factorization that follows at the same boundary re-factorizes them one by one)."""
         mode = self.config.sync_mode
         layers = [layer for _, layer in self._layers if layer.mode == LayerMode.AB]
         world, ranks = self.groups.world, self._world_ranks
@@ -591,6 +605,8 @@ class ABOptimizer(torch.optim.Optimizer):
             self.comm.mean_([t for layer in layers for t in (layer.A.data, layer.B.data)]
                             + dense, world, ranks, TrafficLabel.SYNC)
         self._average_dense_state()
+        if self.config.lean_memory and not final:
+            return
         for layer in layers:
             layer.to_full()
 
@@ -621,6 +637,7 @@ class ABOptimizer(torch.optim.Optimizer):
                 "world_size": self.world_size,
                 "group_index": self.groups.group_index if self.groups else 0,
                 "switches": [sw.to_dict() for sw in self.switches],
+                "groups_differ": self.groups_differ,
                 "skipped_steps": self.skipped_steps,
                 "consecutive_skips": self.consecutive_skips,
             },
@@ -641,7 +658,9 @@ class ABOptimizer(torch.optim.Optimizer):
             self._load_ab_counters(ab)
             self.optimizer.load_state_dict(state_dict["optimizer"])
             return
-        if self.groups is not None and ab["world_size"] != self.world_size:
+        same_model = not ab.get("groups_differ", True)
+        if (self.groups is not None and ab["world_size"] != self.world_size
+                and not (self.config.accept_resume_changes and same_model)):
             raise ValueError(
                 f"This AB checkpoint was written by {ab['world_size']} ranks and is loaded by "
                 f"{self.world_size}: AB groups hold different states, so resume with the same "

@@ -12,15 +12,18 @@ The arithmetic is that of ab_accel's TrafficMeter (ring estimate, bytes sent per
 
 * DDP step: every trainable gradient plus every float buffer, all-reduced over the world of
   n ranks: (P + buffers) * e * 2(n-1)/n. AB's warm-up and rebound steps send the same plus
-  one "gradient used" flag per trained tensor (ab_accel keeps unused gradients None);
+  one "gradient used" flag per trained tensor (ab_accel keeps unused gradients None) and one
+  non-finite count (the skip decision);
 * AB step: the dense parameters (everything not factorized: biases, norms, first and last
   layer) + buffers + the trained factor (A: out x r; B: r x in) + the flags, over the own
   group of g ranks, times 2(g-1)/g; averaged over the A-group and B-group ranks (B only in
-  ``only-b``);
+  ``only-b``); plus, with several groups, the world's finite-step flag (one int64, "check");
 * sync (once per cycle): the factors (``with-stale`` / ``only-learned``: A and B; ``only-b``:
   B; ``full``: A B), the dense parameters, the buffers and the dense parameters' AdamW moments,
   over the world;
-* factorize: one integer per layer (rank agreement) and a 2-double digest, over the world.
+* factorize: one integer per layer (rank agreement) and a 2-double digest, over the world;
+* every switch (sync or factorize) first checks that every rank's tensors are finite: one
+  int64 over the world.
 
     python benchmarks/projection.py --rank-fraction 0.1,0.2,0.3
     python benchmarks/projection.py --from-results benchmarks/results/local.json
@@ -124,10 +127,10 @@ def project(shape: ModelShape, *, steps: int, world: int, group_size: int, sync_
     ranks = [la.rank(rank_fraction) for la in shape.layers]
     n, g = world, group_size
     dp_step = (shape.total_params + shape.buffers) * e * wire_factor("all_reduce", n)
-    full_flags = shape.dense_tensors + len(shape.layers)  # one per trained tensor
+    full_flags = shape.dense_tensors + len(shape.layers) + 1  # per trained tensor, + non-finite
     full_step = dp_step + full_flags * e * wire_factor("all_reduce", n)
     base = shape.dense_params + shape.buffers
-    ab_flags = shape.dense_tensors + len(shape.layers)  # dense tensors + one factor per layer
+    ab_flags = shape.dense_tensors + len(shape.layers) + 1  # dense, one factor/layer, non-finite
     a_numel = sum(la.out_dim * r for la, r in zip(shape.layers, ranks, strict=True))
     b_numel = sum(r * la.in_dim for la, r in zip(shape.layers, ranks, strict=True))
     if sync_mode == "only-b":
@@ -137,6 +140,8 @@ def project(shape: ModelShape, *, steps: int, world: int, group_size: int, sync_
         n_a = groups // 2
         ab_numel = base + ab_flags + (n_a * a_numel + (groups - n_a) * b_numel) / groups
     ab_step = ab_numel * e * wire_factor("all_reduce", g)
+    # with several groups the world learns whether every group's step is finite: one int64
+    check_step = 8 * wire_factor("all_reduce", n) if n // g > 1 else 0.0
     if sync_mode == "only-b":
         sync_factors = b_numel
     elif sync_mode == "full":
@@ -147,6 +152,9 @@ def project(shape: ModelShape, *, steps: int, world: int, group_size: int, sync_
     sync_bytes = sync_numel * e * wire_factor("all_reduce", n)
     # rank agreement (int64 per layer) and the SVD digest (2 float64), one MAX all-reduce each
     factorize_bytes = (8 * len(shape.layers) + 16) * wire_factor("all_reduce", n)
+    switch_check = 8 * wire_factor("all_reduce", n)  # every switch: are all tensors finite?
+    sync_bytes += switch_check
+    factorize_bytes += switch_check
 
     steps_by_phase = {"warmup": 0, "ab": 0, "rebound": 0}
     for phase, first, end in sched.describe(steps):
@@ -167,7 +175,8 @@ def project(shape: ModelShape, *, steps: int, world: int, group_size: int, sync_
         dense_phase_bytes = (steps_by_phase["warmup"] + steps_by_phase["rebound"]) * full_step
         ab_link = (world_share * (dense_phase_bytes + syncs * sync_bytes
                                   + factorizations * factorize_bytes)
-                   + group_share * steps_by_phase["ab"] * ab_step)
+                   + group_share * steps_by_phase["ab"] * ab_step
+                   + world_share * steps_by_phase["ab"] * check_step)
         ddp_link = world_share * steps * dp_step
         out_extra = {"ranks_per_node": ranks_per_node, "ddp_internode_bytes": ddp_link,
                      "ab_internode_bytes": ab_link,
@@ -177,6 +186,7 @@ def project(shape: ModelShape, *, steps: int, world: int, group_size: int, sync_
         "ab": steps_by_phase["ab"] * ab_step,
         "rebound": steps_by_phase["rebound"] * full_step,
         "sync": syncs * sync_bytes + factorizations * factorize_bytes,
+        "check": steps_by_phase["ab"] * check_step,
     }
     ab_total = sum(by_phase.values())
     ddp_total = steps * dp_step

@@ -164,21 +164,21 @@ def _run_mode(rank: int, world: int, cfg: ABConfig, optimizer_name: str) -> dict
             # Capture the factors after this last AB update, right before the sync runs.
             orig_sync = opt._sync
 
-            def capture(orig=orig_sync, entry=entry):
+            def capture(*args, orig=orig_sync, entry=entry):
                 entry["pre_sync"] = {n: (layer.A.detach().clone(), layer.B.detach().clone())
                                      for n, layer in ab_layers(model)}
                 entry["pre_sync_dense"] = {n: p.detach().clone() for n, p in
                                            model.named_parameters()
                                            if not n.endswith((".A", ".B"))}
-                orig()
+                orig(*args)
 
             opt._sync = capture
         orig_event = opt._run_event
 
-        def snapshot_then_switch(event, orig=orig_event, entry=entry):
+        def snapshot_then_switch(event, *args, orig=orig_event, entry=entry):
             # The parameters as the step left them, before any switch restructures them.
             entry.setdefault("pre_switch", flat_named(model))
-            orig(event)
+            orig(event, *args)
 
         opt._run_event = snapshot_then_switch
         with spy:
@@ -367,3 +367,135 @@ def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
 def _flat_state(opt: ABOptimizer) -> dict[str, torch.Tensor]:
     return {f"{i}.{k}": v for i, st in enumerate(opt.optimizer.state.values())
             for k, v in st.items() if torch.is_tensor(v)}
+
+
+def checkpoint_faults(rank: int, world: int) -> dict[str, Any]:
+    """A mid-AB-phase checkpoint, then: a truncated shard, a missing shard, a save that died
+    half-way, a changed schedule (refused, then accepted with the flag), an overwrite."""
+    from ab_accel.checkpoint import CheckpointError, is_complete
+
+    cfg = ABConfig(warmup_steps=1, sync_every=6, rebound_steps=1, rank_cutoff=0.5)
+
+    def fresh(config: ABConfig = cfg) -> tuple[nn.Module, ABOptimizer]:
+        torch.manual_seed(0)
+        model = convert(small_cnn(), config)
+        return model, ABOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3), model, config)
+
+    model, opt = fresh()
+    for t in range(3):
+        loss_of(model, rank, t).backward()
+        opt.step()
+        opt.zero_grad()
+    obj = [tempfile.mkdtemp(prefix="ab_faults_") if rank == 0 else None]
+    dist.broadcast_object_list(obj, src=0)
+    root = obj[0]
+    path = os.path.join(root, "ckpt")
+    save_checkpoint(path, model, opt)
+    out: dict[str, Any] = {"complete": is_complete(path), "files": sorted(os.listdir(path)),
+                           "leftovers": sorted(os.listdir(root))}
+    dist.barrier()
+    save_checkpoint(path, model, opt)  # overwriting a checkpoint leaves one whole folder
+    out["leftovers_after_overwrite"] = sorted(os.listdir(root))
+
+    def attempt(config: ABConfig = cfg) -> dict[str, Any]:
+        m, o = fresh(config)
+        before = flat_named(m)
+        try:
+            load_checkpoint(path, m, o)
+            return {"error": None, "step": o.step_count}
+        except CheckpointError as exc:
+            return {"error": str(exc), "untouched": _same_tensors(flat_named(m), before),
+                    "step": o.step_count}
+
+    shard1 = os.path.join(path, "ab_group1.pt")
+    data = open(shard1, "rb").read()
+    dist.barrier()
+    if rank == 0:
+        with open(shard1, "wb") as fh:
+            fh.write(data[:-100])
+    dist.barrier()
+    out["truncated"] = attempt()
+    dist.barrier()
+    if rank == 0:
+        with open(shard1, "wb") as fh:  # same size, one byte flipped
+            fh.write(data[:-1] + bytes([data[-1] ^ 1]))
+    dist.barrier()
+    out["corrupt"] = attempt()
+    dist.barrier()
+    if rank == 0:
+        os.remove(shard1)
+    dist.barrier()
+    out["missing"] = attempt()
+    dist.barrier()
+    if rank == 0:
+        with open(shard1, "wb") as fh:
+            fh.write(data)
+    dist.barrier()
+    out["changed"] = attempt(ABConfig(warmup_steps=1, sync_every=8, rebound_steps=1,
+                                      rank_cutoff=0.5))
+    out["accepted"] = attempt(ABConfig(warmup_steps=1, sync_every=8, rebound_steps=1,
+                                       rank_cutoff=0.5, accept_resume_changes=True))
+    out["intact"] = attempt()
+    dist.barrier()
+    if rank == 0:  # a save that died before its manifest: only the .tmp folder exists
+        os.rename(path, path + ".tmp")
+        os.remove(os.path.join(path + ".tmp", "ab_meta.json"))
+    dist.barrier()
+    out["unfinished"] = attempt()
+    return out
+
+
+def silent_peer(rank: int, world: int) -> dict[str, Any]:
+    """Rank 1 stops answering; rank 0's next collective fails after collective_timeout_s with
+    an error that names the phase and the step (instead of waiting for 30 minutes)."""
+    import time
+
+    from ab_accel.comm import PeerError
+
+    cfg = ABConfig(warmup_steps=5, sync_every=6, rebound_steps=1, collective_timeout_s=2.0)
+    torch.manual_seed(0)
+    model = convert(small_cnn(), cfg)
+    opt = ABOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model, cfg)
+    for t in range(2):
+        loss_of(model, rank, t).backward()
+        opt.step()
+        opt.zero_grad()
+    if rank == 1:
+        time.sleep(8)  # alive, but silent
+        return {"slept": True}
+    loss_of(model, rank, 2).backward()
+    start = time.monotonic()
+    try:
+        opt.step()
+        return {"error": None}
+    except PeerError as exc:
+        return {"error": str(exc), "seconds": time.monotonic() - start}
+
+
+def lean_memory_run(rank: int, world: int) -> dict[str, Any]:
+    """lean_memory (no dense step; switches layer by layer) against the same schedule without
+    it: the same parameters after every step, no layer ever dense again after the first
+    factorization, and no optimizer state of a dense weight."""
+    out: dict[str, Any] = {}
+    for lean in (False, True):
+        cfg = ABConfig(warmup_steps=0, sync_every=4, rebound_steps=0, lr_rebound_steps=1,
+                       rank_energy=0.9, lean_memory=lean)
+        torch.manual_seed(0)
+        model = convert(small_cnn(), cfg)
+        opt = ABOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3), model, cfg)
+        layers = list(ab_layers(model))
+        dense_shapes = {tuple(layer.weight_shape) for _, layer in layers}
+        steps, full_modes, dense_state = [], 0, 0
+        for t in range(9):
+            loss_of(model, rank, t).backward()
+            opt.step()
+            opt.zero_grad()
+            steps.append({k: v.detach().clone() for k, v in model.named_parameters()})
+            full_modes += sum(layer.mode == "full" for _, layer in layers)
+            dense_state += sum(1 for p, st in opt.optimizer.state.items()
+                               if tuple(p.shape) in dense_shapes and st)
+        out["lean" if lean else "plain"] = {
+            "steps": steps, "full_modes": full_modes, "dense_state": dense_state,
+            "switches": [(sw.event.value, sw.step) for sw in opt.switches],
+            "ranks": opt.ranks}
+    return out

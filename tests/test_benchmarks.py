@@ -116,7 +116,7 @@ def test_projection_matches_the_ab_meter_of_the_run(tiny_run: dict) -> None:
                    sync_mode="with-stale", warmup_steps=W0, sync_every=T, rebound_steps=F,
                    rank_fraction=1.0)
     measured = {p: sum(t["wire_bytes_by_phase"][p] for t in ab["ab_traffic_per_rank"]) / WORLD
-                for p in ("warmup", "ab", "sync", "rebound")}
+                for p in ("warmup", "ab", "sync", "rebound", "check")}
     for phase, value in measured.items():
         assert proj["ab_bytes_by_phase"][phase] == pytest.approx(value, rel=1e-9), phase
     assert proj["ab_bytes"] == pytest.approx(ab["wire_bytes"], rel=1e-9)
@@ -142,23 +142,28 @@ def test_projection_arithmetic_by_hand() -> None:
     ring4, ring2 = 2 * 3 / 4, 1.0
     dp_step = 756 * 4 * ring4
     assert out["ddp_bytes"] == pytest.approx(10 * dp_step)
-    full_step = dp_step + 8 * 4 * ring4  # + one "used" flag per trained tensor (6 dense + 2)
-    ab_step = (244 + 8 + 2 * 16 * 4) * 4 * ring2  # dense + flags + A (16x4) or B (4x16) x 2
+    # + one "used" flag per trained tensor (6 dense + 2) + the non-finite count
+    full_step = dp_step + 9 * 4 * ring4
+    ab_step = (244 + 9 + 2 * 16 * 4) * 4 * ring2  # dense + flags + A (16x4) or B (4x16) x 2
+    check = 8 * ring4  # an AB step's world-wide finite flag (one int64)
+    switch_check = 8 * ring4  # every switch first checks every rank's tensors are finite
     sync = (2 * (16 * 4 + 4 * 16) + 244 + 2 * 244) * 4 * ring4  # A, B, dense, AdamW moments
     factorize = (8 * 2 + 16) * ring4  # int64 rank per layer + a 2-double digest
     assert out["ab_bytes_by_phase"] == pytest.approx(
         {"warmup": 2 * full_step, "ab": 6 * ab_step, "rebound": 2 * full_step,
-         "sync": 2 * sync + 3 * factorize})
+         "sync": 2 * (sync + switch_check) + 3 * (factorize + switch_check),
+         "check": 6 * check})
     assert out["reduction"] == pytest.approx(1 - out["ab_bytes"] / out["ddp_bytes"])
     # Two nodes of two ranks: a world ring crosses between nodes on 2 of its 4 edges; each
-    # group is one node, so AB steps send nothing between nodes.
+    # group is one node, so AB steps send nothing between nodes but the world's finite flag.
     assert out["ddp_internode_bytes"] == pytest.approx(10 * dp_step / 2)
     assert out["ab_internode_bytes"] == pytest.approx(
-        (4 * full_step + 2 * sync + 3 * factorize) / 2)
+        (4 * full_step + 2 * (sync + switch_check) + 3 * (factorize + switch_check)
+         + 6 * check) / 2)
     assert out["schedule_ceiling"] == pytest.approx(1 - 4 / 10)
     only_b = project(shape, steps=10, world=4, group_size=4, sync_mode="only-b",
                      warmup_steps=2, sync_every=4, rebound_steps=1, rank_fraction=0.25)
-    assert only_b["ab_bytes_per_ab_step"] == pytest.approx((244 + 8 + 2 * 4 * 16) * 4 * ring4)
+    assert only_b["ab_bytes_per_ab_step"] == pytest.approx((244 + 9 + 2 * 4 * 16) * 4 * ring4)
 
 
 def test_link_prediction_counts_ring_edges_between_nodes() -> None:

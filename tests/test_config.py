@@ -119,3 +119,18 @@ def test_a_misspelt_keyword_gets_the_did_you_mean_of_the_dict_path():
     with pytest.raises(ABConfigError, match=r"'sync_evry' \(did you mean 'sync_every'\?\)"):
         ABConfig(sync_evry=10)
     assert ABConfig(sync_every=10, rebound_steps=2).sync_every == 10
+
+
+def test_fine_tuning_options_are_checked():
+    assert ABConfig(rank_energy=0.99).rank_rule() == {"energy": 0.99, "fraction": None,
+                                                     "fixed": None}
+    with pytest.raises(ABConfigError, match="at most one of rank_energy, rank_fraction"):
+        ABConfig(rank_energy=0.9, fixed_rank=8)
+    with pytest.raises(ABConfigError, match=r"rank_fraction must be a number in \(0, 1\]"):
+        ABConfig(rank_fraction=1.5)
+    with pytest.raises(ABConfigError, match="lean_memory needs warmup_steps=0 and "
+                                            "rebound_steps=0"):
+        ABConfig(lean_memory=True)
+    with pytest.raises(ABConfigError, match="sync_mode 'full'"):
+        ABConfig(lean_memory=True, warmup_steps=0, rebound_steps=0, sync_mode="full")
+    ABConfig(lean_memory=True, warmup_steps=0, rebound_steps=0)

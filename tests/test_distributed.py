@@ -253,10 +253,53 @@ def test_a_nonfinite_step_is_skipped_on_every_rank_and_too_many_stop_training():
         # the third NaN step in a row (max_skipped_steps=2) stops every rank, naming rank 2
         assert res["error"]["step"] == 7
         msg = res["error"]["message"]
-        assert "Step 7 (rebound phase)" in msg and "rank(s) [2]" in msg and "3 step(s) in a row" in msg
+        assert "Step 7 (rebound phase)" in msg and "rank(s) [2]" in msg
+        assert "3 step(s) in a row" in msg
         assert "max_skipped_steps=2" in msg
         # a switch on non-finite parameters is refused on every rank before anything is sent
         assert "Refusing to sync at step 3" in res["switch_error"]
         assert "rank(s) [1]" in res["switch_error"]
         if rank != 1:
             assert res["others_finite"]
+
+
+def test_checkpoints_are_atomic_and_a_bad_one_is_refused_before_anything_loads():
+    results = run_distributed(scenarios.checkpoint_faults, 4)
+    for res in results:
+        assert res["complete"] and res["files"] == ["ab_group0.pt", "ab_group1.pt",
+                                                    "ab_meta.json"]
+        assert res["leftovers"] == res["leftovers_after_overwrite"] == ["ckpt"]
+        # every rank refuses together (ranks 0 and 1 read a healthy shard 0), model untouched
+        for case, words in (("truncated", "truncated"), ("missing", "is missing"),
+                            ("corrupt", "checksum")):
+            err = res[case]["error"]
+            assert err is not None and res[case]["untouched"] and res[case]["step"] == 0, case
+            assert ("ab_group1.pt" in err and words in err) or "Rank(s) [2, 3]" in err, err
+        assert "sync_every: 6 -> 8" in res["changed"]["error"]
+        assert "accept_resume_changes" in res["changed"]["error"]
+        assert res["accepted"]["error"] is None and res["accepted"]["step"] == 3
+        assert res["intact"]["error"] is None and res["intact"]["step"] == 3
+        assert "not a complete AB checkpoint" in res["unfinished"]["error"]
+        assert "did not finish" in res["unfinished"]["error"]
+    # the ranks that read the damaged shard name it
+    for rank in (2, 3):
+        assert "ab_group1.pt" in results[rank]["truncated"]["error"]
+
+
+def test_a_silent_peer_fails_the_collective_after_the_timeout_naming_phase_and_step():
+    rank0, rank1 = run_distributed(scenarios.silent_peer, 2)
+    assert rank1 == {"slept": True}
+    assert rank0["error"] is not None and rank0["seconds"] < 7, rank0
+    assert "warmup phase at step 2" in rank0["error"] and "all-reduce" in rank0["error"]
+    assert "collective_timeout_s" in rank0["error"]
+
+
+def test_lean_memory_switches_layer_by_layer_with_the_same_result():
+    for res in run_distributed(scenarios.lean_memory_run, 4):
+        plain, lean = res["plain"], res["lean"]
+        assert lean["switches"] == plain["switches"] == [
+            ("factorize", 0), ("sync", 4), ("factorize", 4), ("sync", 8), ("factorize", 8)]
+        for a, b in zip(plain["steps"], lean["steps"], strict=True):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert lean["full_modes"] == 0 and lean["dense_state"] == 0
+        assert lean["ranks"] == plain["ranks"] and all(r for r in lean["ranks"].values())

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ab_accel import ABConv1D, ABConv2d, ABLinear
-from ab_accel.layers import break_even_rank, cut_rank, svd_split
+from ab_accel.layers import break_even_rank, cut_rank, factored_state_dict, svd_split
 
 
 def matrix_with_spectrum(s: list[float], m: int = 12, n: int = 9) -> torch.Tensor:
@@ -151,7 +151,9 @@ def test_state_dict_loads_across_modes():
     src = ABLinear.from_module(nn.Linear(10, 7))
     src.factorize(4)
     dst = ABLinear.from_module(nn.Linear(10, 7))
-    dst.load_state_dict(src.state_dict())             # full -> AB, rank taken from the file
+    with factored_state_dict():
+        saved = src.state_dict()
+    dst.load_state_dict(saved)                        # full -> AB, rank taken from the file
     assert dst.mode == "ab" and dst.rank == 4
     assert torch.equal(dst.A, src.A) and torch.equal(dst.B, src.B)
     src.to_full()
@@ -162,3 +164,33 @@ def test_state_dict_loads_across_modes():
 def test_grouped_conv_is_refused():
     with pytest.raises(ValueError, match="groups=1 only"):
         ABConv2d(nn.Conv2d(4, 8, 3, groups=2))
+
+
+def test_the_export_state_dict_is_the_dense_weight_under_the_original_keys():
+    """What the outside world loads: plain nn.Linear keys, W = A B, whatever the mode."""
+    torch.manual_seed(0)
+    dense = nn.Linear(10, 7)
+    keys = list(dense.state_dict())
+    layer = ABLinear.from_module(dense)
+    layer.factorize(3)
+    exported = layer.state_dict()
+    assert list(exported) == keys == ["weight", "bias"]
+    assert torch.equal(exported["weight"], layer.A.detach() @ layer.B.detach())
+    plain = nn.Linear(10, 7)
+    plain.load_state_dict(exported)  # strict: no missing, no unexpected keys
+    x = torch.randn(5, 10)
+    torch.testing.assert_close(plain(x), layer(x))
+    with factored_state_dict():
+        assert list(layer.state_dict()) == ["A", "B", "bias"]
+    assert list(layer.state_dict()) == ["weight", "bias"]  # the context ended
+
+
+def test_rank_rules_for_fine_tuning():
+    s = torch.tensor([4.0, 2.0, 1.0, 1.0, 0.5])  # energies 16, 4, 1, 1, 0.25 (sum 22.25)
+    assert cut_rank(s, 0.15, 1, 5) == 4 and cut_rank(s, 0.3, 1, 5) == 2  # s_i > tau * 4
+    assert cut_rank(s, 0.15, 1, 5, energy=0.7) == 1   # 16 / 22.25 = 0.719 >= 0.7
+    assert cut_rank(s, 0.15, 1, 5, energy=0.9) == 3   # 20 / 22.25 = 0.899 < 0.9 <= 0.944
+    assert cut_rank(s, 0.15, 1, 5, energy=0.95) == 4  # 0.944 < 0.95 <= 0.989
+    assert cut_rank(s, 0.15, 1, 5, fraction=0.5) == 3  # ceil(2.5)
+    assert cut_rank(s, 0.15, 1, 3, fixed=4) == 3       # capped at the break-even rank
+    assert cut_rank(s, 0.15, 2, 5, fixed=1) == 2       # and at least min_rank

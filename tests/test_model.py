@@ -101,11 +101,15 @@ def _vit():
                                                num_labels=10))
 
 
+@pytest.mark.parametrize("merged", [True, False], ids=["merged", "saved-in-ab-mode"])
 @pytest.mark.parametrize("factory,inputs", [
     (_gpt2, lambda: {"input_ids": torch.randint(0, 97, (2, 7))}),
     (_vit, lambda: {"pixel_values": torch.randn(2, 1, 8, 8)}),
 ], ids=["gpt2-conv1d", "vit"])
-def test_merged_model_loads_in_plain_transformers_without_ab_accel(factory, inputs, tmp_path):
+def test_saved_model_loads_in_plain_transformers_without_ab_accel(factory, inputs, merged,
+                                                                   tmp_path):
+    """save_pretrained of a merged model, and of a model still in AB mode (the export writes
+    the dense W = A B under the original keys), loads with no missing or unexpected keys."""
     torch.manual_seed(0)
     model = factory().eval()
     convert(model, ABConfig(rank_cutoff=0.3))
@@ -116,10 +120,11 @@ def test_merged_model_loads_in_plain_transformers_without_ab_accel(factory, inpu
     batch = inputs()
     with torch.no_grad():
         ab_logits = model(**batch).logits
-    merge(model)
-    assert not list(ab_layers(model))
-    with torch.no_grad():
-        assert torch.allclose(model(**batch).logits, ab_logits, atol=1e-5)
+    if merged:
+        merge(model)
+        assert not list(ab_layers(model))
+        with torch.no_grad():
+            assert torch.allclose(model(**batch).logits, ab_logits, atol=1e-5)
     model.save_pretrained(tmp_path / "merged")
     torch.save({"batch": batch, "logits": ab_logits}, tmp_path / "expected.pt")
     # A fresh interpreter in which `import ab_accel` fails: plain transformers only.
@@ -128,7 +133,10 @@ def test_merged_model_loads_in_plain_transformers_without_ab_accel(factory, inpu
         sys.modules["ab_accel"] = None
         from transformers import AutoModel, {type(model).__name__} as Cls
         exp = torch.load({str(tmp_path / "expected.pt")!r})
-        m = Cls.from_pretrained({str(tmp_path / "merged")!r}).eval()
+        m, info = Cls.from_pretrained({str(tmp_path / "merged")!r}, output_loading_info=True)
+        m.eval()
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys",
+                                          "mismatched_keys")), info
         with torch.no_grad():
             out = m(**exp["batch"]).logits
         err = (out - exp["logits"]).abs().max().item()

@@ -93,6 +93,6 @@ def test_the_words_are_their_strings():
     assert f"{Phase.REBOUND}" == "rebound" and str(Role.A) == "A"
     assert json.dumps({"phase": Phase.WARMUP, Event.FACTORIZE: 1}) == \
         '{"phase": "warmup", "factorize": 1}'
-    assert [str(m) for m in TrafficLabel] == ["setup", "warmup", "ab", "sync", "rebound"]
+    assert [str(m) for m in TrafficLabel] == ["setup", "warmup", "ab", "sync", "rebound", "check"]
     assert {m.value for m in SyncMode} == {"with-stale", "only-learned", "full", "only-b"}
     assert type(str(Phase.AB)) is str  # what goes into checkpoints is a plain string

@@ -35,3 +35,31 @@ def test_plain_torch_example_under_torchrun(nproc, extra):
     assert report["accuracy"] > 0.85
     assert report["compression"]["params_now"] < report["compression"]["params_dense"]
     assert 0.0 < report["traffic"]["reduction"] < 1.0
+
+
+def _elastic_run(tmp: Path, *extra: str) -> dict:
+    script = Path(__file__).resolve().parent / "torchrun_scripts" / "resume_after_kill.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
+           "--max-restarts", "1", "--master_port", str(free_port()), str(script), str(tmp),
+           *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import torch
+
+    return {"final": torch.load(tmp / "final.pt", weights_only=False), "log": proc.stderr}
+
+
+def test_a_rank_killed_mid_ab_phase_is_restarted_and_ends_with_the_same_model(tmp_path):
+    """torchrun --max-restarts 1 + resume from the newest complete checkpoint: rank 1 dies
+    (SIGKILL) after step 11 (inside the second AB phase, after the checkpoint of step 9);
+    every worker restarts from step 9 and the final model is the uninterrupted run's."""
+    import torch
+
+    straight = _elastic_run(tmp_path / "straight")
+    killed = _elastic_run(tmp_path / "killed", "--kill-at", "11")
+    assert straight["final"]["resumed_from"] is None
+    assert killed["final"]["resumed_from"].endswith("step_9")
+    assert killed["final"]["step"] == straight["final"]["step"] == 16
+    a, b = straight["final"]["params"], killed["final"]["params"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -129,6 +129,8 @@ def test_ddp_logs_carry_ab_traffic_and_compression(ddp_run):
 
 
 def test_ddp_checkpoint_holds_every_group_and_resume_continues_exactly(ddp_run):
+    info = ddp_run[0]["ckpt4_loading_info"]  # the dense export, written mid-AB-phase
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     for out in ddp_run:
         assert out["ckpt4"] == ["ab_group0.pt", "ab_group1.pt", "ab_meta.json"]
         _check_resume(out["steps"], out["resumed_steps"])

@@ -61,6 +61,7 @@ class CollectiveSpy:
     def __init__(self) -> None:
         self.bytes = 0
         self.groups: list[tuple[int, ...]] = []
+        self.calls: list[tuple[tuple[int, ...], int]] = []  # (group, bytes) per call
         self._orig: dict[str, Callable[..., Any]] = {}
 
     def __enter__(self) -> CollectiveSpy:
@@ -71,10 +72,12 @@ class CollectiveSpy:
             def wrapper(*args: Any, _orig: Callable[..., Any] = orig, **kwargs: Any) -> Any:
                 tensor = args[0] if args else kwargs.get("tensor", kwargs.get("tensors"))
                 tensors = tensor if isinstance(tensor, (list, tuple)) else [tensor]
-                self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+                nbytes = sum(t.numel() * t.element_size() for t in tensors)
+                self.bytes += nbytes
                 group = kwargs.get("group")
                 self.groups.append(tuple(dist.get_process_group_ranks(group)) if group is not None
                                    else tuple(range(dist.get_world_size())))
+                self.calls.append((self.groups[-1], nbytes))
                 return _orig(*args, **kwargs)
 
             setattr(dist, name, wrapper)
@@ -124,7 +127,7 @@ def initialize_path(rank: int, world: int, ckpt_dir: str) -> dict[str, Any]:
         records.append({"phase": phase, "params": snapshot(engine.module),
                         "twin": snapshot(twin), "norm": norm, "twin_norm": twin_norm,
                         "spy_bytes": spy.bytes, "meter_bytes": opt.traffic.bytes - before,
-                        "spy_groups": sorted(set(spy.groups))})
+                        "spy_groups": sorted(set(spy.groups)), "spy_calls": spy.calls})
     out["records"] = records
     out["step_count"] = opt.step_count
     out["global_steps"] = engine.global_steps

@@ -109,6 +109,12 @@ def trainer_ddp_gpt2(rank: int, world: int, tmp: str) -> dict[str, Any]:
     out["traffic"] = rec.steps[max(rec.steps)]["traffic"]
     out["ranks"] = opt.ranks
     out["ckpt4"] = sorted(os.listdir(os.path.join(tmp, "run_a", "checkpoint-4", "ab_training")))
+    # checkpoint-4 was written mid-AB-phase: its model file is the dense export, which plain
+    # transformers loads with no missing or unexpected keys
+    if rank == 0:
+        plain_ckpt, info = AutoModelForSequenceClassification.from_pretrained(
+            os.path.join(tmp, "run_a", "checkpoint-4"), output_loading_info=True)
+        out["ckpt4_loading_info"] = {k: sorted(v) for k, v in info.items()}
     out["conv1d_layers"] = sorted(type(m).__name__ for n, m in trainer.model.named_modules()
                                   if type(m).__name__.startswith("AB"))
     dist.barrier()
