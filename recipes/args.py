@@ -155,6 +155,11 @@ def make_parser(prog: str, description: str, *classes: type, **kwargs: Any) -> A
         parser.add_class_arguments(cls, as_group=False, **kwargs)
     parser.add_argument("--no-ab", "--no_ab", dest="no_ab", action="store_true",
                         help="Plain data parallel (DDP), everything else identical.")
+    return field_help(parser, *classes)
+
+
+def field_help(parser: ArgumentParser, *classes: type) -> ArgumentParser:
+    """Each dataclass field's ``metadata["help"]`` in --help (ABConfig's under ab_training.)."""
     helps = {f"{prefix}{f.name}": f.metadata["help"] for cls, prefix in [
         *((c, "") for c in classes), (ABConfig, "ab_training.")] for f in dataclasses.fields(cls)
         if "help" in f.metadata}

@@ -23,7 +23,7 @@ from typing import Any
 
 from ab_accel import ABConfig, ABConfigError
 
-from args import ConfigError, DataArgs, knob, make_parser, parse_argv
+from args import ConfigError, DataArgs, field_help, knob, make_parser, parse_argv
 from data import IGNORE_INDEX, ImageDataset, class_names, image_transform, load_splits
 
 
@@ -45,6 +45,7 @@ def parse(argv: list[str]) -> tuple[FinetuneArgs, Any]:
     parser = make_parser("finetune.py", __doc__.splitlines()[0], FinetuneArgs,
                          skip={"seed", "no_ab"}, sub_configs=True)
     parser.add_class_arguments(TrainingArguments, as_group=False)
+    field_help(parser, TrainingArguments)
     argv = ["--ab_training" if a == "--ab_config" else a for a in argv]  # its former name
     if not torch.cuda.is_available():  # one gloo world before TrainingArguments exist
         argv += ["--dataloader_pin_memory", "false"]
