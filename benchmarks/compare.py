@@ -23,7 +23,6 @@ The results JSON holds the settings, the machine, per-seed records and per-metho
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -37,6 +36,8 @@ import tempfile
 import time
 from dataclasses import asdict
 from typing import Any
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -80,9 +81,11 @@ def ab_schedule_for(steps: int) -> dict[str, int]:
     return {"ab_warmup": w0, "ab_sync_every": t, "ab_rebound": f, "ab_lr_rebound": r}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> Namespace:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", action=ActionConfigFile,
+                   help="a YAML file of these flags (keys with underscores), e.g. one saved "
+                        "with --print_config")
     g = p.add_argument_group("run")
     g.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated: ddp, ab-with-stale, ab-only-learned, ab-only-b, "
@@ -138,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return finish_args(args, p)
 
 
-def finish_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+def finish_args(args: Namespace, parser: ArgumentParser) -> Namespace:
     """Fill derived defaults and check everything before any process starts."""
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
@@ -172,7 +175,7 @@ def finish_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ar
     return args
 
 
-def make_knobs(args: argparse.Namespace) -> Knobs:
+def make_knobs(args: Namespace) -> Knobs:
     return Knobs(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
                  lr_warmup_steps=args.lr_warmup, min_lr_ratio=args.min_lr_ratio,
                  clip=args.clip, label_smoothing=args.label_smoothing,
@@ -201,7 +204,7 @@ def netns_available() -> str | None:
     return None
 
 
-def run_world(args: argparse.Namespace, methods: list[str]) -> list[dict[str, Any]]:
+def run_world(args: Namespace, methods: list[str]) -> list[dict[str, Any]]:
     """Launch one world that trains ``methods`` (every seed); return each rank's record."""
     nnodes = 2 if args.netns else 1
     nproc = args.nproc // nnodes

@@ -20,9 +20,8 @@ learning-rate schedule and gradient clipping.
 
 from __future__ import annotations
 
-import math
 import re
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,17 +93,20 @@ def ab_config(mode: str, knobs: Knobs) -> ABConfig:
                     sync_mode=mode, orthogonal_init=knobs.orthogonal_init)
 
 
-def lr_lambda(knobs: Knobs) -> Callable[[int], float]:
-    """Linear warm-up over ``lr_warmup_steps``, then cosine down to ``min_lr_ratio``."""
-    w, total, floor = knobs.lr_warmup_steps, knobs.steps, knobs.min_lr_ratio
+def lr_schedule(optimizer: torch.optim.Optimizer, knobs: Knobs
+                ) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up to the peak over ``lr_warmup_steps`` (from 1/w of it), then cosine down to
+    ``min_lr_ratio`` of it at ``steps``: torch's SequentialLR(LinearLR, CosineAnnealingLR),
+    stepped once per optimizer step."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
-    def fn(step: int) -> float:
-        if w and step < w:
-            return (step + 1) / w
-        progress = min(1.0, (step - w) / max(1, total - w))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return fn
+    w = knobs.lr_warmup_steps
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, knobs.steps - w),
+                               eta_min=knobs.min_lr_ratio * knobs.lr)
+    if not w:
+        return cosine
+    warm = LinearLR(optimizer, start_factor=1 / w, total_iters=w - 1)
+    return SequentialLR(optimizer, [warm, cosine], milestones=[w])
 
 
 @dataclass
@@ -122,8 +124,6 @@ class Method:
     bucket_count: BucketCount | None = None
     extra_state: Callable[[], list[torch.Tensor]] = lambda: []
     finish: Callable[[], None] = lambda: None
-    switch_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    factorizations: list[dict[str, Any]] = field(default_factory=list)
     peak_state_bytes: int = 0
     peak_state_bytes_by_phase: dict[str, int] = field(default_factory=dict)
 
@@ -143,6 +143,18 @@ class Method:
                                                     self.peak_state_bytes_by_phase.get(phase, 0))
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+
+    @property
+    def switch_counts(self) -> dict[str, int]:
+        return dict(Counter(str(s.event) for s in self.ab.switches)) if self.ab else {}
+
+    @property
+    def factorizations(self) -> list[dict[str, Any]]:
+        """Every factorization: its boundary step, the ranks it chose, the layers' shapes."""
+        layers = compression(self.model)["layers"]
+        shapes = {n: layer["shape"] for n, layer in layers.items()}
+        return [{"boundary": s.step, "ranks": s.ranks, "shapes": shapes, **s.compression}
+                for s in (self.ab.switches if self.ab else []) if s.event == "factorize"]
 
     def state_bytes(self) -> int:
         return state_bytes(self.model, self.base_optimizer, self.extra_state())
@@ -173,28 +185,11 @@ def _build_ab(name: str, model: nn.Module, knobs: Knobs) -> Method:
     cfg = ab_config(name[len(AB_PREFIX):], knobs)
     convert(model, cfg)
     base = _adamw(model.parameters(), knobs)
-    sched = torch.optim.lr_scheduler.LambdaLR(base, lr_lambda(knobs))
-    # Constructed unbound, so that every switch (the one at bind() included) is logged. The
-    # ABOptimizer times its switches and SVDs itself (switch_seconds, svd_seconds); the wrapper
-    # only counts them and records the ranks each factorization chose.
+    sched = lr_schedule(base, knobs)
+    # The ABOptimizer lists its switches itself (opt.switches: event, boundary step, seconds,
+    # ranks and compression of each factorization) and times its SVDs (svd_seconds).
     opt = ABOptimizer(base, None, cfg)
     method = Method(name, model, model, opt, base, sched, knobs.clip, ab=opt)
-    run_event = opt._run_event
-
-    def logged_event(event: str) -> None:
-        run_event(event)
-        method.switch_counts[event] += 1
-        if event == "factorize":
-            comp = compression(model)
-            method.factorizations.append({
-                "boundary": opt.step_count,
-                "ranks": {n: layer["rank"] for n, layer in comp["layers"].items()},
-                "shapes": {n: layer["shape"] for n, layer in comp["layers"].items()},
-                "factorized_ratio": comp["factorized_ratio"],
-                "ratio": comp["ratio"],
-            })
-
-    opt._run_event = logged_event  # type: ignore[method-assign]
     opt.bind(model)
     return method
 
@@ -215,7 +210,7 @@ def _build_ddp(name: str, model: nn.Module, knobs: Knobs) -> Method:
     count = BucketCount()
     ddp.register_comm_hook(None, counting_hook(default_hooks.allreduce_hook, count))
     base = _adamw(model.parameters(), knobs)
-    sched = torch.optim.lr_scheduler.LambdaLR(base, lr_lambda(knobs))
+    sched = lr_schedule(base, knobs)
     return Method(name, ddp, model, base, base, sched, knobs.clip, bucket_count=count)
 
 
@@ -229,7 +224,7 @@ def _build_powersgd(name: str, model: nn.Module, knobs: Knobs, rank: int) -> Met
     count = BucketCount()
     ddp.register_comm_hook(state, counting_hook(psgd.powerSGD_hook, count))
     base = _adamw(model.parameters(), knobs)
-    sched = torch.optim.lr_scheduler.LambdaLR(base, lr_lambda(knobs))
+    sched = lr_schedule(base, knobs)
 
     def extra() -> list[torch.Tensor]:
         return (list(state.error_dict.values()) + list(state.p_memory_dict.values())
@@ -255,7 +250,7 @@ def _build_localsgd(name: str, model: nn.Module, knobs: Knobs, period: int) -> M
     base = _adamw(model.parameters(), knobs)
     averager = averagers.PeriodicModelAverager(period=period, warmup_steps=start)
     opt = PostLocalSGDOptimizer(optim=base, averager=averager)
-    sched = torch.optim.lr_scheduler.LambdaLR(base, lr_lambda(knobs))
+    sched = lr_schedule(base, knobs)
 
     def finish() -> None:
         # A run ends with one more global average unless the last step just averaged, so that

@@ -9,13 +9,13 @@ on the rate-limited link this is the time-to-accuracy picture) and ``<stem>_tabl
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 from typing import Any
 
 import matplotlib
+from jsonargparse import ArgumentParser
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -140,7 +140,7 @@ def markdown_table(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="compare.py results JSON files")
     args = p.parse_args(argv)
     for path in args.results:

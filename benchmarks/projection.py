@@ -31,7 +31,6 @@ The arithmetic is that of ab_accel's TrafficMeter (ring estimate, bytes sent per
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jsonargparse import ArgumentParser
 from torch import nn
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -273,7 +273,7 @@ def measured_rank_fraction(path: str, method: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default=os.path.join(ROOT, "configs"),
                    help="folder with the recipes' ImageNet configs")
     p.add_argument("--nodes", default="2,4,8,16,32,64", help="node counts (4 GPUs each)")

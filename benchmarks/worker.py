@@ -15,7 +15,6 @@ second barrier. Bytes are counted over the same region.
 
 from __future__ import annotations
 
-import argparse
 import faulthandler
 import json
 import os
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from jsonargparse import ArgumentParser
 from torch import nn
 
 from .meters import CollectiveCounter, link_counters, max_rss_mb
@@ -189,7 +189,7 @@ def node_main(spec: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--spec", required=True, help="JSON file written by compare.py")
     parser.add_argument("--node-rank", type=int, required=True)
     args = parser.parse_args()

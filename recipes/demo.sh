@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make demo`: AB-training against plain data parallel, 4 CPU processes, sklearn's digits.
 #
-#   1. recipes/vit.py --no-ab   plain DDP, its traffic measured by a DDP comm hook
+#   1. recipes/vit.py --no-ab   plain DDP, its bytes counted by a DDP comm hook
 #   2. recipes/vit.py           AB-training, everything else identical, compared with run 1
+#   3. recipes/plot.py          the two runs on one plot, drawn from their summary.json files
 #
 # Both runs use `accelerate launch --multi_gpu --num_processes 4` (one gloo world on CPU; the
 # recipe builds Accelerator(cpu=True) itself) and the default config, configs/vit_digits.yaml.
@@ -19,7 +20,7 @@ read -r -a EXTRA <<< "${DEMO_ARGS:-}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 
-launch() {
+launch() {  # every value accelerate would otherwise guess (and list) is given
     accelerate launch --multi_gpu --num_processes "$NPROC" --num_machines 1 \
         --mixed_precision no --dynamo_backend no "$@"
 }
@@ -30,26 +31,26 @@ launch recipes/vit.py --no-ab --output_dir "$OUT/dp" --report_to none "${EXTRA[@
 echo
 echo "== 2/2: AB-training, $NPROC CPU processes, same data, model, optimizer and seed"
 launch recipes/vit.py --output_dir "$OUT/ab" --baseline_run "$OUT/dp" "${EXTRA[@]}"
+plot=$(python recipes/plot.py "$OUT/ab" --baseline "$OUT/dp")
 
-python - "$OUT" "$(( $(date +%s) - start ))" <<'EOF'
+python - "$OUT" "$(( $(date +%s) - start ))" "$plot" <<'EOF'
 import json, sys
 
-out, seconds = sys.argv[1], int(sys.argv[2])
+out, seconds, plot = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 ab = json.load(open(f"{out}/ab/summary.json"))
 dp = json.load(open(f"{out}/dp/summary.json"))
 t, c, b = ab["traffic"], ab["compression"], ab["baseline"]
 mib = 2 ** 20
 print(f"""
 == demo summary ({ab['ranks']} CPU processes, sklearn digits, {ab['steps']} steps, {seconds} s)
-   top-1 / top-5 (exported merged model)   AB {ab['accuracy']['top1']:.3f} / \
-{ab['accuracy']['top5']:.3f}    DP {dp['accuracy']['top1']:.3f} / {dp['accuracy']['top5']:.3f}
-   bytes on the wire, all ranks            AB {t['wire_bytes'] / mib:.1f} MiB    \
-DP {dp['traffic']['wire_bytes'] / mib:.1f} MiB (measured, DDP comm hook)
-   traffic reduction vs DP                 {100 * b['measured_reduction']:.1f}% against the \
-measured DDP run, {100 * t['reduction_vs_dp']:.1f}% against the exact DP count
-   compression (factorized layers)         {c['factorized_ratio']:.2f}:1 \
-({c['ratio']:.2f}:1 whole model), {c['of']}
-   plot                                    {ab['plot']}
-   DP plot                                 {dp['plot']}
-   merged model (plain transformers)       {ab['export']['dir']}""")
+   top-1, the exported merged model   AB {ab['accuracy']['top1']:.3f}    DP {dp['accuracy']['top1']:.3f}
+   traffic, all ranks                 AB {t['wire_bytes'] / mib:.1f} MiB    DP \
+{dp['traffic']['wire_bytes'] / mib:.1f} MiB: ring estimates (2(g-1)/g of each all-reduce's \
+bytes over g ranks) of the bytes counted by ab_accel's meter (AB) and by a DDP comm hook (DP)
+   traffic reduction vs DP            {100 * b['measured_reduction']:.1f}% against the --no-ab \
+run, {100 * t['reduction_vs_dp']:.1f}% against the exact DP count of the same steps
+   compression                        {c['factorized_ratio']:.2f}:1 on the parameter count of \
+the factorized layers ({c['ratio']:.2f}:1 whole model), dense / AB after the last factorization
+   plot (both runs)                   {plot}
+   merged model (plain transformers)  {ab['export']['dir']}""")
 EOF

@@ -1,203 +1,21 @@
-"""ViT image classification with AB-training (arXiv 2405.01067), launched by `accelerate launch`.
+"""ViT image classification with AB-training (arXiv 2405.01067): the loop is train_image.py.
 
-    # CPU, 4 processes, sklearn's digits (no data argument; a ViT sized for 8x8 images)
-    accelerate launch --multi_gpu --num_processes 4 recipes/vit.py
-    # GPUs, ImageNet folder tree, the paper's ViT-B/16 schedule for this number of nodes
+    accelerate launch --config_file configs/accelerate_cpu.yaml recipes/vit.py   # CPU, digits
     accelerate launch --config_file configs/accelerate_multigpu.yaml recipes/vit.py \\
-        --data_dir /data/imagenet
-    # the same run as plain data parallel (DDP), everything else identical
-    accelerate launch ... recipes/vit.py --no-ab
-
-Every knob below can be set in a config file (--config, YAML or JSON; configs/) and then on the
-command line: --lr 1e-3, --ab_training.sync_every 500, --model.hidden_size 384. See
-docs/recipes.md.
+        --data_dir /data/imagenet     # the paper's ViT-B/16 schedule for this number of nodes
 """
 
-from __future__ import annotations
-
-import os
 import sys
 
-import common
+from args import Recipe
+from train_image import main
 
-# ----------------------------------------------------------------------------- knobs
-KNOBS = {
-    **common.COMMON_KNOBS,
-    "output_dir": "runs/vit",
-    # ViTConfig fields for training from scratch (ViT-B/16 here; the configs override them)
-    "model": {"patch_size": 16, "hidden_size": 768, "num_hidden_layers": 12,
-              "num_attention_heads": 12, "intermediate_size": 3072},
-}
-DEFAULT_CONFIGS = {"digits": "configs/vit_digits.yaml",
-                   "imagenet": "configs/vit_b16_imagenet.yaml"}
-# -----------------------------------------------------------------------------
-
-
-def build_model(cfg: common.Config, labels: list[str]):
-    """ViTForImageClassification: from a config (from scratch) or --model_name_or_path."""
-    from transformers import ViTConfig, ViTForImageClassification
-
-    id2label = dict(enumerate(labels))
-    label2id = {name: i for i, name in id2label.items()}
-    if cfg.model_name_or_path:
-        model = ViTForImageClassification.from_pretrained(
-            cfg.model_name_or_path, num_labels=len(labels), id2label=id2label,
-            label2id=label2id, ignore_mismatched_sizes=True)  # a new head for these classes
-        if model.config.image_size != cfg.image_size:
-            raise common.ConfigError(
-                f"{cfg.model_name_or_path} was trained on {model.config.image_size}px images "
-                f"but image_size is {cfg.image_size}: pass --image_size "
-                f"{model.config.image_size}.")
-        return model
-    config = ViTConfig(image_size=cfg.image_size, num_channels=len(cfg.image_mean),
-                       num_labels=len(labels), id2label=id2label, label2id=label2id,
-                       **cfg.model)
-    return ViTForImageClassification(config)
-
-
-def main(argv: list[str]) -> dict:
-    if "--help" in argv or "-h" in argv:
-        common.print_help(KNOBS, __doc__)
-        return {}
-    cfg = common.load_config(KNOBS, argv, recipe="vit", default_configs=DEFAULT_CONFIGS)
-    if cfg.data_dir:
-        common.check_data_dir(cfg.data_dir)  # a missing folder stops here, before any import
-    resume_dir = common.resolve_checkpoint(cfg)
-    # The other knobs are checked before anything is loaded: the AB-training block (keys,
-    # values, groups that fit the launched world) and the model block.
-    common.ab_config(cfg, common.launched_world_size(), not cfg.model_name_or_path)
-    if not cfg.model_name_or_path:
-        from transformers import ViTConfig
-
-        common.check_model_keys(cfg.model, ViTConfig, "ViTConfig")
-    started = common.now()
-
-    import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    import ab_accel
-
-    accelerator = common.make_accelerator(cfg, project_name="vit")
-    log = common.logger
-    torch.manual_seed(cfg.seed)
-    world = accelerator.num_processes
-    batch_size = common.per_device_batch_size(cfg, world)
-
-    # ---- data
-    with accelerator.main_process_first():  # one process builds the datasets cache
-        train_split, eval_split, data_desc = common.load_splits(cfg)
-    labels = common.class_names(train_split)
-    log.info("data: %s", data_desc)
-    train_dl, eval_dl = common.make_loaders(cfg, train_split, eval_split, len(cfg.image_mean),
-                                            batch_size, pin_memory=accelerator.device.type
-                                            == "cuda")
-    train_ds = train_dl.dataset
-
-    # ---- model, optimizer, AB-training (the one changed line: ab_accel.prepare)
-    model = build_model(cfg, labels)
-    if model.config.num_channels != len(cfg.image_mean):
-        raise common.ConfigError(
-            f"the model takes {model.config.num_channels}-channel images but image_mean has "
-            f"{len(cfg.image_mean)} values: give one mean and std per channel.")
-    ab_config = common.ab_config(cfg, world, from_scratch=not cfg.model_name_or_path)
-    common.same_init_without_ab(model, ab_config)  # --no-ab starts from the same weights
-    optimizer = torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=tuple(cfg.betas))
-    model, optimizer, train_dl, eval_dl = ab_accel.prepare(
-        accelerator, model, optimizer, train_dl, eval_dl, config=ab_config)
-    ab_opt = common.find_ab_optimizer(optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    ddp_traffic = None
-    if ab_opt is None and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        ddp_traffic = common.DDPTraffic(model, world)  # measure what plain DP sends
-    metric = common.load_metric(accelerator)
-
-    steps_per_epoch = -(-len(train_dl) // cfg.gradient_accumulation_steps)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    epochs = -(-total_steps // steps_per_epoch)
-    lr_warmup_steps = round(cfg.lr_warmup_epochs * steps_per_epoch)
-    record = common.RunRecord(cfg, accelerator, ab_opt, ddp_traffic, unwrapped, total_steps,
-                              steps_per_epoch)
-    if resume_dir:
-        accelerator.load_state(resume_dir)  # ab_accel restores each rank's own group shard
-        record.load_state_dict(common.load_recipe_state(resume_dir, accelerator.process_index))
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, record.step,
-                 record.epoch, record.batches_in_epoch)
-    common.log_start(cfg, accelerator, model, ab_opt, ab_config, total_steps, steps_per_epoch,
-                     batch_size)
-
-    # ---- train
-    progress = tqdm(total=total_steps, initial=record.step, desc="vit",
-                    disable=not accelerator.is_local_main_process, dynamic_ncols=True,
-                    mininterval=0.1 if sys.stderr.isatty() else 5.0)
-    t0 = common.now()
-    model.train()
-    for epoch in range(record.epoch, epochs):
-        record.epoch = epoch
-        train_dl.set_epoch(epoch)  # the shuffle order: a function of (seed, epoch)
-        train_ds.set_epoch(epoch)  # the augmentation: a function of (seed, epoch, index)
-        batches = train_dl
-        if record.batches_in_epoch:  # resuming mid-epoch
-            batches = accelerator.skip_first_batches(train_dl, record.batches_in_epoch)
-        for batch in batches:
-            lr = common.lr_at(record.step, total_steps, lr_warmup_steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr  # AB's LR rebound multiplies this inside step()
-            with accelerator.accumulate(model):
-                logits = model(pixel_values=batch["pixel_values"]).logits
-                targets = batch["labels"]
-                valid = (targets != common.IGNORE_INDEX).sum().clamp(min=1)
-                loss = F.cross_entropy(logits.float(), targets, reduction="sum",
-                                       label_smoothing=cfg.label_smoothing,
-                                       ignore_index=common.IGNORE_INDEX) / valid
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            record.batches_in_epoch += 1
-            record.skipped += int((targets == common.IGNORE_INDEX).sum())
-            record.add_loss(loss.item())
-            if not accelerator.sync_gradients:
-                continue
-            logged = record.after_step(lr, force_log=record.step + 1 == total_steps)
-            progress.update(1)
-            if logged:
-                progress.set_postfix(loss=f"{logged['loss']:.3f}", phase=logged["phase"])
-            if cfg.checkpointing_steps and record.step % cfg.checkpointing_steps == 0:
-                record.elapsed += common.now() - t0
-                t0 = common.now()
-                common.save_checkpoint(
-                    accelerator, os.path.join(cfg.output_dir, "checkpoints",
-                                              f"step_{record.step}"), record.state_dict())
-            if record.step >= total_steps:
-                break
-        if record.batches_in_epoch >= len(train_dl):  # the epoch is complete
-            record.batches_in_epoch = 0
-            record.epoch = epoch + 1
-            if (epoch + 1) % cfg.eval_every_epochs == 0:
-                result = common.evaluate_model(model, eval_dl, accelerator, metric, len(labels))
-                rec = record.log_eval(result)
-                log.info("epoch %d (step %d, %s phase): top-1 %.4f, top-5 %.4f%s", epoch + 1,
-                         record.step, rec["phase"], rec["top1"], rec["top5"],
-                         " (the groups differ: each rank evaluates its group's model on its "
-                         "shard)" if rec["groups_differ"] else "")
-        if record.step >= total_steps:
-            break
-    progress.close()
-    record.elapsed += common.now() - t0
-
-    # ---- the end: one model on every rank, merged export, final evaluation, summary, plot
-    return common.finish(cfg, accelerator, model, ab_opt, record, eval_dl, metric, labels,
-                         data_desc, recipe="vit", started=started)
-
+RECIPE = Recipe(  # ViTConfig fields from scratch: ViT-B/16 (the digits config makes it small)
+    name="vit", model_type="vit", model={"patch_size": 16, "hidden_size": 768,
+                                         "num_hidden_layers": 12, "num_attention_heads": 12,
+                                         "intermediate_size": 3072},
+    digits_config="configs/vit_digits.yaml", imagenet_config="configs/vit_b16_imagenet.yaml",
+    imagenet_note="ViT-B/16 at 224 px, global batch 2048-4096, the paper's ImageNet run")
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except common.ConfigError as exc:
-        print(f"vit.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        common.shutdown()
+    main(RECIPE, sys.argv[1:])

@@ -31,8 +31,11 @@ from distributed import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "recipes")
 sys.path.insert(0, RECIPES)
-import common  # noqa: E402  (recipes/common.py)
+import args  # noqa: E402  (recipes/args.py)
+import data  # noqa: E402
+import modeling  # noqa: E402
 import resnet  # noqa: E402
+import train_image  # noqa: E402
 import vit  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -282,11 +285,9 @@ def test_wrong_config_key_stops_before_training(tmp_path):
     assert not out.exists() and time.time() - start < 60  # nothing loaded, nothing written
     proc = run_plain("resnet.py", "--ab_training.sync_evry", "5")
     assert proc.returncode == 2 and "did you mean 'sync_every'" in proc.stderr
-    with pytest.raises(common.ConfigError, match="not a ViTConfig field. Did you mean "
-                                                 "'hidden_size'"):
-        from transformers import ViTConfig
-
-        common.check_model_keys({"hiden_size": 8}, ViTConfig, "ViTConfig")
+    with pytest.raises(args.ConfigError, match="not a ViTConfig field. Did you mean "
+                                               "'hidden_size'"):
+        modeling.check_model_keys("vit", {"hiden_size": 8})
 
 
 def test_missing_data_folder_stops_with_the_expected_layout(tmp_path):
@@ -295,57 +296,58 @@ def test_missing_data_folder_stops_with_the_expected_layout(tmp_path):
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "<data_dir>/train/<class>" in proc.stderr
     (tmp_path / "tree" / "train" / "a").mkdir(parents=True)
-    with pytest.raises(common.ConfigError, match="has no val/ folder"):
-        common.check_data_dir(str(tmp_path / "tree"))
+    with pytest.raises(args.ConfigError, match="has no val/ folder"):
+        data.check_data_dir(str(tmp_path / "tree"))
     (tmp_path / "tree" / "val").mkdir()
-    with pytest.raises(common.ConfigError, match="holds no class folders"):
-        common.check_data_dir(str(tmp_path / "tree"))
+    with pytest.raises(args.ConfigError, match="holds no class folders"):
+        data.check_data_dir(str(tmp_path / "tree"))
 
 
 # ----------------------------------------------------------------------------- config layers
 def test_config_file_then_nodes_row_then_command_line():
-    cfg = common.load_config(resnet.KNOBS, ["--lr", "1e-3", "--ab_training.rebound_steps", "7"],
-                             recipe="resnet", default_configs=resnet.DEFAULT_CONFIGS,
-                             world_size=1)
+    cfg = args.parse(resnet.RECIPE, ["--lr", "1e-3", "--ab_training.rebound_steps", "7"],
+                     world_size=1)
     assert cfg.config == "configs/resnet_digits.yaml"  # no data argument: digits
-    assert cfg.lr == 1e-3 and cfg.ab_training["rebound_steps"] == 7
-    assert cfg.ab_training["sync_every"] == 55 and cfg.model["depths"] == [1, 1, 1, 1]
+    assert cfg.lr == 1e-3 and cfg.ab_training.rebound_steps == 7
+    assert cfg.ab_training.sync_every == 55 and cfg.model["depths"] == [1, 1, 1, 1]
     # The paper's table: 8 processes = 2 nodes of 4 -> that row; the command line still wins.
-    cfg = common.load_config(resnet.KNOBS, ["--data_dir", "/x", "--ab_training.sync_every",
-                                            "999"], recipe="resnet",
-                             default_configs=resnet.DEFAULT_CONFIGS, world_size=8)
+    cfg = args.parse(resnet.RECIPE, ["--data_dir", "/x", "--ab_training.sync_every", "999"],
+                     world_size=8)
     assert cfg.config == "configs/resnet50_imagenet.yaml" and cfg.nodes == 2
-    assert cfg.batch_size == 2048 and cfg.ab_training["warmup_steps"] == 24000
-    assert cfg.ab_training["sync_every"] == 999 and cfg.lr == 3.5e-3
-    ab = common.ab_config(cfg, 8, from_scratch=True)
+    assert cfg.batch_size == 2048 and cfg.ab_training.warmup_steps == 24000
+    assert cfg.ab_training.sync_every == 999 and cfg.lr == 3.5e-3
+    ab = args.ab_config(cfg, 8, from_scratch=True)
     assert ab.group_size == 4 and ab.sync_mode == "with-stale" and ab.orthogonal_init
-    with pytest.raises(common.ConfigError, match=r"no row for 1 node\(s\)"):
-        common.load_config(vit.KNOBS, ["--data_dir", "/x"], recipe="vit",
-                           default_configs=vit.DEFAULT_CONFIGS, world_size=4)
-    cfg = common.load_config(vit.KNOBS, ["--data_dir", "/x", "--nodes", "4", "--no-ab"],
-                             recipe="vit", default_configs=vit.DEFAULT_CONFIGS, world_size=4)
-    ab = common.ab_config(cfg, 4, from_scratch=False)
+    with pytest.raises(args.ConfigError, match=r"no row for 1 node\(s\)"):
+        args.parse(vit.RECIPE, ["--data_dir", "/x"], world_size=4)
+    cfg = args.parse(vit.RECIPE, ["--data_dir", "/x", "--nodes", "4", "--no-ab"], world_size=4)
+    ab = args.ab_config(cfg, 4, from_scratch=False)
     assert cfg.batch_size == 4096 and ab.group_size == 4 and ab.sync_mode == "only-b"
     assert not ab.enabled and not ab.orthogonal_init  # --no-ab; fine-tuning keeps the init
-    with pytest.raises(common.ConfigError, match="group_size"):
-        common.ab_config(common.load_config(vit.KNOBS, [], recipe="vit",
-                                            default_configs=vit.DEFAULT_CONFIGS), 3, True)
+    with pytest.raises(args.ConfigError, match="group_size"):
+        args.ab_config(args.parse(vit.RECIPE, []), 3, True)
 
 
-def test_top_k_metric_module_loads_from_its_folder():
-    import evaluate
-
-    metric = evaluate.load(common.METRIC_DIR, keep_in_memory=True)
-    metric.add_batch(predictions=[[1, 2, 3, 4, 5], [0, 9, 8, 7, 6], [3, 4, 5, 6, 7]],
-                     references=[1, 6, 0])
-    assert metric.compute(k=5) == {"top1": pytest.approx(1 / 3), "top5": pytest.approx(2 / 3),
-                                   "count": 3}
+def test_top_k_accuracy_counts_ranked_predictions():
+    ranked = torch.tensor([[1, 2, 3, 4, 5], [0, 9, 8, 7, 6], [3, 4, 5, 6, 7]])
+    top1, top5 = train_image.top_k_hits(ranked, torch.tensor([1, 6, 0]))
+    count = 3
+    assert {"top1": top1 / count, "top5": top5 / count, "count": count} == {
+        "top1": pytest.approx(1 / 3), "top5": pytest.approx(2 / 3), "count": 3}
 
 
 def test_learning_rate_warms_up_then_follows_the_cosine():
-    cfg = common.Config(lr=1.0, lr_start=0.1, min_lr=0.0)
-    assert common.lr_at(0, 110, 10, cfg) == pytest.approx(0.1)
-    assert common.lr_at(5, 110, 10, cfg) == pytest.approx(0.55)
-    assert common.lr_at(10, 110, 10, cfg) == pytest.approx(1.0)
-    assert common.lr_at(60, 110, 10, cfg) == pytest.approx(0.5)
-    assert common.lr_at(110, 110, 10, cfg) == pytest.approx(0.0)
+    # torch's schedulers, stepped once per optimizer step: the lr of steps 0 .. 110
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = modeling.lr_schedule(opt, total_steps=110, warmup_steps=10, lr_start=0.1,
+                                    min_lr=0.0)
+    lr = []
+    for _ in range(111):
+        lr.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lr[0] == pytest.approx(0.1)
+    assert lr[5] == pytest.approx(0.55)
+    assert lr[10] == pytest.approx(1.0)
+    assert lr[60] == pytest.approx(0.5)
+    assert lr[110] == pytest.approx(0.0)

@@ -234,3 +234,30 @@ def test_finetune_recipe_vit_imagefolder_to_merged_model(tmp_path):
     with torch.no_grad():
         logits = model(pixel_values=torch.randn(2, 3, 16, 16)).logits
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+
+def test_finetune_recipe_skips_a_truncated_jpeg_with_one_warning(tmp_path):
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification
+
+    ViTForImageClassification(ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, num_labels=3)).save_pretrained(
+        str(tmp_path / "vit"))
+    _write_imagefolder(str(tmp_path / "images"))
+    broken = tmp_path / "images" / "class_1" / "broken.jpg"
+    Image.new("RGB", (16, 16), (40, 220, 40)).save(broken, quality=90)
+    broken.write_bytes(broken.read_bytes()[:120])  # a truncated JPEG
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "recipes", "finetune.py"),
+         "--model_name_or_path", str(tmp_path / "vit"), "--data_dir", str(tmp_path / "images"),
+         "--output_dir", str(out), "--num_train_epochs", "2", "--per_device_train_batch_size",
+         "8", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stderr.count("skipping unreadable image") == 1  # not once per epoch
+    assert f"skipping unreadable image {broken}" in proc.stderr
+    summary = json.loads((out / "ab_summary.json").read_text())
+    assert sum(summary["skipped_images"].values()) == 1
+    assert 0.0 <= summary["eval"]["eval_accuracy"] <= 1.0

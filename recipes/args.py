@@ -1,0 +1,295 @@
+"""The knobs of the recipes and how they are read: jsonargparse, over dataclasses.
+
+Defaults < a config file (``--config``; without one the recipe's digits config, or its ImageNet
+config when ``--data_dir`` / ``--dataset_name`` is given) < that file's row of the paper's
+per-node schedule < the command line: ``--lr 1e-3``, ``--ab_training.sync_every 500`` (the
+block is :class:`ab_accel.ABConfig` itself), ``--model.hidden_size 384``, ``--betas 0.9,0.95``.
+A wrong key, type or value raises :class:`ConfigError` before anything heavy is loaded.
+"""
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import json
+import logging
+import os
+import re
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse.typing import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+    restricted_number_type,
+)
+
+from ab_accel import ABConfig, ABConfigError, support
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+logger = logging.getLogger("recipes")
+
+
+UpToOne = restricted_number_type("UpToOne", float, [(">", 0), ("<=", 1)])  # (0, 1]
+BelowOne = restricted_number_type("BelowOne", float, [(">=", 0), ("<", 1)])  # [0, 1)
+
+
+class ConfigError(ValueError):
+    """A bad knob, config file or data location. The message says what to change."""
+
+
+def knob(default: Any, help: str) -> Any:
+    """A dataclass field that carries its help text, as ABConfig's fields do."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataArgs:
+    """Where the images come from (the image recipes and finetune.py)."""
+
+    data_dir: str | None = knob(None, "ImageNet-style tree <data_dir>/{train,val}/<class>/<image> "
+                                "(datasets' imagefolder). None, and no dataset_name: digits.")
+    dataset_name: str | None = knob(None, "A hub dataset (online), e.g. uoft-cs/cifar10.")
+    dataset_config_name: str | None = knob(None, "The hub dataset's configuration.")
+    train_split: str = knob("train", "The split to train on.")
+    eval_split: str = knob("auto", "auto: validation, val, valid or test; if none exists, "
+                           "validation_split of train.")
+    validation_split: OpenUnitInterval = knob(0.1, "Share of train held out without an eval split.")
+    image_column: str = knob("auto", "auto: image, img or pixel_values.")
+    label_column: str = knob("auto", "A ClassLabel column. auto: label, labels or fine_label.")
+    cache_dir: str | None = knob(None, "datasets' cache (None: ~/.cache/huggingface/datasets).")
+    max_train_samples: PositiveInt | None = knob(None, "Train on the first N images only.")
+    max_eval_samples: PositiveInt | None = knob(None, "Evaluate on the first N images only.")
+    seed: int = knob(0, "Seed of the model init, the shuffle order and the augmentation.")
+
+
+@dataclass
+class TrainArgs(DataArgs):
+    """The knobs of recipes/vit.py and recipes/resnet.py (steps are optimizer steps)."""
+
+    image_size: PositiveInt = knob(224, "Input size in pixels (square).")
+    image_mean: list[float] = knob([0.485, 0.456, 0.406], "One per channel (num_channels).")
+    image_std: list[float] = knob([0.229, 0.224, 0.225], "One per channel.")
+    crop_scale: tuple[UpToOne, UpToOne] = knob((0.08, 1.0), "RandomResizedCrop scale (train).")
+    hflip: bool = knob(True, "RandomHorizontalFlip (train).")
+    eval_crop_ratio: UpToOne = knob(0.875, "Eval: resize to image_size / ratio, center crop.")
+    num_workers: NonNegativeInt = knob(8, "DataLoader worker processes per rank.")
+    model_type: str = knob("vit", "transformers model type built from scratch (AutoConfig).")
+    model_name_or_path: str | None = knob(None, "Fine-tune from a save_pretrained folder or a "
+                                          "hub id, instead of training from scratch.")
+    model: dict[str, Any] = knob({}, "Config fields of the model from scratch: --model.KEY V.")
+    orthogonal_init: bool | Literal["auto"] = knob("auto", "The paper's init (singular values "
+                                                   "1). auto: from scratch, not fine-tuning.")
+    epochs: PositiveInt = knob(150, "Epochs, unless max_steps is set.")
+    max_steps: PositiveInt | None = knob(None, "Optimizer steps, instead of epochs.")
+    batch_size: PositiveInt = knob(4096, "GLOBAL batch = per process x processes x accumulation.")
+    gradient_accumulation_steps: PositiveInt = knob(1, "Micro-batches per optimizer step.")
+    lr: PositiveFloat = knob(3.5e-3, "Peak learning rate (AdamW).")
+    lr_start: NonNegativeFloat = knob(1e-5, "Learning rate at step 0, linear warm-up to lr.")
+    min_lr: NonNegativeFloat = knob(1e-5, "Learning rate at the end of the cosine decay.")
+    lr_warmup_epochs: NonNegativeFloat = knob(10.0, "LR warm-up (not ab_training.warmup_steps).")
+    weight_decay: NonNegativeFloat = knob(0.1, "AdamW decay, not on biases and norms.")
+    betas: tuple[float, float] = knob((0.9, 0.999), "AdamW betas.")
+    label_smoothing: BelowOne = knob(0.1, "Cross-entropy label smoothing.")
+    max_grad_norm: NonNegativeFloat = knob(1.0, "Clip the reduced gradients (0: off).")
+    mixed_precision: Literal["no", "bf16", "fp16", "fp8"] = knob(
+        "bf16", "no or bf16 (fp16 and fp8 are refused, with the reason).")
+    no_ab: bool = knob(False, "--no-ab: plain data parallel (DDP), everything else identical.")
+    ab_training: ABConfig = knob(ABConfig(), "ab_accel.ABConfig; group_size world: one group.")
+    ab_schedule_by_nodes: dict[int, dict[str, Any]] = knob({}, "The paper's table: nodes -> "
+                                                           "knobs of that row.")
+    nodes: PositiveInt | Literal["auto"] = knob("auto", "The row to use. auto: processes / "
+                                                "gpus_per_node.")
+    gpus_per_node: PositiveInt = knob(4, "Processes per node (nodes: auto).")
+    output_dir: str = knob("runs/recipe", "summary.json, metrics.jsonl, checkpoints/, model/.")
+    eval_every_epochs: PositiveInt = knob(1, "Evaluate every N epochs (and at the end).")
+    log_every: PositiveInt = knob(10, "Optimizer steps between train-loss records.")
+    report_to: str = knob("tensorboard", "Accelerate tracker (tensorboard, wandb...) or none.")
+    checkpointing_steps: PositiveInt | None = knob(None, "save_state every N optimizer steps.")
+    resume_from_checkpoint: str | None = knob(None, "A checkpoint folder, or latest.")
+    save_model: bool = knob(True, "Export the merged dense model (save_pretrained).")
+    baseline_run: str | None = knob(None, "output_dir of a --no-ab run to compare traffic with.")
+    cpu: bool | Literal["auto"] = knob("auto", "CPU (gloo). auto: when no CUDA is visible.")
+    config: str | None = knob(None, "The config file this run read (set by --config).")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # plain int / float, not jsonargparse's PositiveInt...
+            value = getattr(self, f.name)  # (they would end up pickled in the optimizer state)
+            if type(value) not in (int, float, bool) and isinstance(value, (int, float)):
+                setattr(self, f.name, (int if isinstance(value, int) else float)(value))
+        if self.data_dir and self.dataset_name:
+            raise ConfigError("Give --data_dir (a local folder tree) or --dataset_name, not both.")
+        if len(self.image_mean) != len(self.image_std) or self.crop_scale[0] > self.crop_scale[1]:
+            raise ConfigError(f"image_mean {self.image_mean} and image_std {self.image_std} need "
+                              f"one value per channel, crop_scale {list(self.crop_scale)} is "
+                              f"[low, high].")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What vit.py and resnet.py set: the model family, its defaults and its config files."""
+
+    name: str
+    model_type: str
+    model: dict[str, Any]
+    digits_config: str
+    imagenet_config: str
+    imagenet_note: str  # what the ImageNet config trains, for the message on a small machine
+
+
+# ------------------------------------------------------------------------------- the parser
+def make_parser(prog: str, description: str, *classes: type, **kwargs: Any) -> ArgumentParser:
+    """A jsonargparse parser over dataclasses, their fields at the top level, ``--no-ab`` a
+    flag, every field's ``metadata["help"]`` in --help (jsonargparse reads docstrings only)."""
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False,
+                            allow_abbrev=False)  # --epoch is not --epochs: refused
+    for cls in classes:
+        parser.add_class_arguments(cls, as_group=False, **kwargs)
+    parser.add_argument("--no-ab", "--no_ab", dest="no_ab", action="store_true",
+                        help="Plain data parallel (DDP), everything else identical.")
+    return field_help(parser, *classes)
+
+
+def field_help(parser: ArgumentParser, *classes: type) -> ArgumentParser:
+    """Each dataclass field's ``metadata["help"]`` in --help (ABConfig's under ab_training.)."""
+    helps = {f"{prefix}{f.name}": f.metadata["help"] for cls, prefix in [
+        *((c, "") for c in classes), (ABConfig, "ab_training.")] for f in dataclasses.fields(cls)
+        if "help" in f.metadata}
+    for action in parser._actions:
+        action.help = action.help or helps.get(action.dest)
+    for group in parser._action_groups:  # the nested ABConfig: its name, not its repr
+        if group.title == str(ABConfig):
+            group.title = "ab_training (ab_accel.ABConfig)"
+    return parser
+
+
+def did_you_mean(message: str, parser: ArgumentParser) -> str:
+    """The hint jsonargparse does not give: the closest knob to an unknown one."""
+    match = (re.search(r"Group '([\w.]+)' does not accept option '(\w+)'", message)
+             or re.search(r"Option '([\w.]+)' is not accepted", message)
+             or re.search(r"unrecognized arguments: --([\w.-]+)", message))
+    if not match:
+        return ""
+    block, _, name = ".".join(match.groups()).replace("-", "_").rpartition(".")
+    known = [a.dest.rpartition(".")[2] for a in parser._actions
+             if a.dest.rpartition(".")[0] == block]
+    hint = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    return (f" (unknown key {name!r}{f' in {block}' if block else ''}"
+            + (f": did you mean {hint[0]!r}?)" if hint else ")"))
+
+
+def parse_argv(parser: ArgumentParser, argv: list[str], *classes: type) -> Any:
+    """parser.parse_args, with the shorthands of the recipes' former parsers (and of
+    HfArgumentParser): a bare boolean flag (``--bf16``) is true; ``a,b,c`` after a list knob
+    (``--betas 0.9,0.95``, ``--model.depths 3,4,6,3``) is the list [a,b,c]."""
+    hints = {k: v for cls in classes for k, v in typing.get_type_hints(cls).items()}
+    flags = {f"--{k}" for k, v in hints.items() if v in (bool, bool | None)} - {"--no_ab"}
+    lists = tuple(f"--{k}" for k, v in hints.items() if typing.get_origin(v) in (list, tuple))
+    out: list[str] = []
+    for i, a in enumerate(argv):
+        following = argv[i + 1] if i + 1 < len(argv) else "--"
+        if a in flags and following.startswith("--"):
+            a += "=true"
+        elif out and out[-1].startswith((*lists, "--model.")) and "," in a and a[0] != "[":
+            a = f"[{a}]"
+        out.append(a)
+    try:
+        return parser.parse_args(out)
+    except argparse.ArgumentError as exc:  # what jsonargparse raises (exit_on_error=False)
+        raise ConfigError(str(exc).strip() + did_you_mean(str(exc), parser)) from None
+
+
+def parse(recipe: Recipe, argv: Sequence[str], world_size: int | None = None) -> TrainArgs:
+    """The knobs of a run. ``world_size``: processes in the run (None: $WORLD_SIZE, set by the
+    launcher), which picks the row of ``ab_schedule_by_nodes`` when ``nodes`` is auto."""
+    parser = make_parser(f"{recipe.name}.py", f"{recipe.name} image classification with "
+                         f"AB-training (arXiv 2405.01067); see docs/recipes.md.", TrainArgs,
+                         skip={"no_ab", "config"})
+    parser.add_argument("--config", action=ActionConfigFile, help=f"A YAML file of knobs. "
+                        f"Default: {recipe.digits_config}; with a data argument "
+                        f"{recipe.imagenet_config}.")
+    parser.set_defaults(model_type=recipe.model_type, model=recipe.model,
+                        output_dir=f"runs/{recipe.name}")
+    argv = [p for a in argv for p in (a.split("=", 1) if a.startswith("--config=") else [a])]
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    rest = [a for i, a in enumerate(argv) if "--config" not in (a, argv[i - 1] if i else "")]
+    if not files:
+        data = any(a.split("=")[0] in ("--data_dir", "--dataset_name") for a in rest)
+        files = [recipe.imagenet_config if data else recipe.digits_config]
+    config = files[-1]  # the command line wins over the files, wherever --config stands
+    in_repo = [os.path.join(REPO_DIR, f) for f in files]  # configs/x.yaml from anywhere
+    configs = [p for f, r in zip(files, in_repo, strict=True)
+               for p in ("--config", r if not os.path.exists(f) and os.path.exists(r) else f)]
+    ns = parse_argv(parser, configs + rest, TrainArgs)
+    if ns.ab_schedule_by_nodes:  # the row goes between the config files and the command line
+        row = ["--config", json.dumps(_nodes_row(ns, config, recipe, world_size))]
+        ns = parse_argv(parser, configs + row + rest, TrainArgs)
+    try:
+        values = parser.instantiate(ns).as_dict()
+        values.pop("__path__", None)
+        args = TrainArgs(**{**values, "config": config})
+        support.check_mixed_precision(args.mixed_precision)  # fp16, fp8: refused, with the fix
+    except ABConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    return args
+
+
+def _nodes_row(ns: Any, config: str | None, recipe: Recipe, world_size: int | None
+               ) -> dict[str, Any]:
+    table, nodes = ns.ab_schedule_by_nodes, ns.nodes
+    world = world_size if world_size is not None else launched_world_size()
+    small = "" if config != recipe.imagenet_config else (
+        f" (A data argument without --config reads {config}: {recipe.imagenet_note}. For a "
+        f"small data set or machine start from --config {recipe.digits_config} and set "
+        f"--image_size, --image_mean, --image_std, --model.* and --batch_size.)")
+    if nodes == "auto" and world % ns.gpus_per_node:
+        raise ConfigError(
+            f"{config}: the schedule table is per number of nodes of {ns.gpus_per_node} "
+            f"processes (gpus_per_node), but this run has {world} processes. Pick a row with "
+            f"--nodes N (rows: {sorted(table)}), or set --gpus_per_node.{small}")
+    nodes = world // ns.gpus_per_node if nodes == "auto" else nodes
+    if nodes not in table:
+        raise ConfigError(
+            f"{config}: the paper's schedule has no row for {nodes} node(s) (rows: "
+            f"{sorted(table)}). Pick one with --nodes N, or set the schedule with "
+            f"--ab_training.warmup_steps/sync_every/rebound_steps/lr_rebound_steps.{small}")
+    return {**table[nodes], "nodes": nodes}
+
+
+# ------------------------------------------------------------------------------- AB config
+def launched_world_size() -> int:
+    """The number of processes the launcher started ($WORLD_SIZE; 1 for a plain python run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def ab_config(args: TrainArgs, world_size: int, from_scratch: bool) -> ABConfig:
+    """The ABConfig of this run, checked against the world size before any training.
+
+    Under ``accelerate launch --use_deepspeed`` the top-level "ab_training" key of the DeepSpeed
+    JSON, when it has one, is the schedule (:func:`ab_accel.config.resolve_config`, with the
+    recipe's own block as the fallback). Then ``--no-ab`` and ``orthogonal_init`` apply.
+    """
+    from ab_accel.config import resolve_config
+
+    try:
+        config, source = resolve_config(environ=os.environ, fallback=args.ab_training)
+        if source != "the fallback":
+            logger.info("AB-training schedule: %s", source)
+        orthogonal = (config.orthogonal_init or from_scratch) if args.orthogonal_init == "auto" \
+            else args.orthogonal_init
+        config = dataclasses.replace(
+            config, enabled=config.enabled and not args.no_ab, orthogonal_init=orthogonal,
+            group_size=world_size if config.group_size == "world" else config.group_size)
+        if config.enabled:
+            config.resolve_group_size(world_size)
+    except ABConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    return config

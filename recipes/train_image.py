@@ -1,0 +1,286 @@
+"""The one training loop of recipes/vit.py and recipes/resnet.py: image classification with
+AB-training (Coquelin et al., arXiv 2405.01067) under `accelerate launch`.
+
+It reads like Accelerate's complete_cv_example.py: knobs, Accelerator, data, model, optimizer,
+prepare, LR schedule, the loop, evaluation, checkpoints, the end. The AB-training change is one
+line, ``ab_accel.prepare`` in place of ``accelerator.prepare``, and at the end
+``ABOptimizer.finalize()`` (the groups hold one model) and ``ab_accel.merge`` (a plain export).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ab_accel import ABConfigError
+
+import data
+import modeling
+from args import ConfigError, Recipe, TrainArgs, ab_config, launched_world_size
+from args import parse as parse_args
+
+logger = logging.getLogger("recipes")
+
+
+def make_accelerator(args: TrainArgs, trackers: list[Any]) -> Any:
+    """CPU (gloo) when no CUDA device is visible, a seeded sampler, the trackers, quiet logs."""
+    import datasets
+    import torch
+    import transformers
+    from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+    from accelerate.utils import ProjectConfiguration
+
+    cpu = not torch.cuda.is_available() if args.cpu == "auto" else args.cpu
+    handlers = []
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":  # cpu=True would turn
+        # DeepSpeed off: on CPU the processes form one gloo world through the kwargs instead
+        handlers, cpu = ([InitProcessGroupKwargs(backend="gloo")] if cpu else []), False
+    if not torch.cuda.is_available():  # accelerate's unwrap_model imports deepspeed when it is
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # installed: no "no GPU found" warning
+    accelerator = Accelerator(
+        cpu=cpu, kwargs_handlers=handlers, mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, "logs")),
+        # The shuffle order is a function of (seed, epoch): a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr, force=True,
+                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    for noisy in ("datasets", "transformers", "accelerate", "filelock", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    datasets.disable_progress_bars()  # one progress bar: the training steps
+    transformers.utils.logging.disable_progress_bar()
+    os.makedirs(args.output_dir, exist_ok=True)
+    return accelerator
+
+
+def top_k_hits(ranked: Any, labels: Any) -> tuple[int, int]:
+    """(top-1 hits, top-k hits) of class indices ranked best first, shape (N, k)."""
+    hits = ranked == labels[:, None]
+    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
+
+
+def evaluate(model: Any, loader: Any, accelerator: Any, num_labels: int,
+             unreadable: data.UnreadableImages, k: int = 5) -> dict[str, Any]:
+    """Top-1 and top-k of the whole eval set: each rank runs its shard, gather_for_metrics
+    collects the predictions (without the last batch's padding). Top-k is not reported when
+    k >= the number of classes (it would be 1.0 by construction)."""
+    import torch
+    from accelerate.utils import gather_object
+
+    was_training, hit1, hitk, count = model.training, 0, 0, 0
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            ranked = model(pixel_values=batch["pixel_values"]).logits.topk(
+                min(k, num_labels), dim=-1).indices
+            ranked, labels = accelerator.gather_for_metrics((ranked, batch["labels"]))
+            unreadable.add(batch["index"], batch["labels"])
+            keep = labels != data.IGNORE_INDEX
+            h1, hk = top_k_hits(ranked[keep], labels[keep])
+            hit1, hitk, count = hit1 + h1, hitk + hk, count + int(keep.sum())
+    model.train(was_training)
+    unreadable.flush(gather_object, accelerator.is_main_process)
+    return {"top1": hit1 / max(1, count), f"top{k}": hitk / max(1, count) if num_labels > k
+            else None, "count": count, "skipped": len(unreadable.seen)}
+
+
+def checkpoint_dir(args: TrainArgs) -> str | None:
+    """--resume_from_checkpoint: a folder, or latest (the last step_N in output_dir)."""
+    path, folder = args.resume_from_checkpoint, os.path.join(args.output_dir, "checkpoints")
+    if path == "latest":
+        steps = sorted(int(d[5:]) for d in os.listdir(folder) if d.startswith("step_")) \
+            if os.path.isdir(folder) else []
+        if not steps:
+            raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {folder}.")
+        path = os.path.join(folder, f"step_{steps[-1]}")
+    if path and not os.path.isdir(path):
+        raise ConfigError(f"--resume_from_checkpoint {path!r} does not exist.")
+    return path
+
+
+def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
+    # ---- knobs: every check that needs no heavy import runs first
+    args = parse_args(recipe, argv)
+    if args.data_dir:
+        data.check_data_dir(args.data_dir)
+    resume_dir, from_scratch = checkpoint_dir(args), not args.model_name_or_path
+    ab_config(args, launched_world_size(), from_scratch)  # groups that fit the launched world
+    if from_scratch:
+        modeling.check_model_keys(args.model_type, args.model)
+    started = time.time()
+
+    import torch
+    import torch.nn.functional as F
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    import ab_accel
+    from ab_accel.accelerate import ab_optimizer
+    from ab_accel.config import DEEPSPEED_KEY
+
+    import report
+
+    jsonl = report.JSONLTracker(os.path.join(args.output_dir, "metrics.jsonl"))
+    trackers = [jsonl] + ([args.report_to] if args.report_to != "none" else [])
+    accelerator = make_accelerator(args, trackers)
+    torch.manual_seed(args.seed)
+    world, accumulation = accelerator.num_processes, args.gradient_accumulation_steps
+    if args.batch_size % (world * accumulation):
+        raise ConfigError(f"batch_size {args.batch_size} (global) does not split over {world} "
+                          f"processes x {accumulation} accumulation steps.")
+
+    # ---- data
+    with accelerator.main_process_first():  # one process builds the datasets cache
+        train_split, eval_split, data_desc = data.load_splits(args)
+    labels = data.class_names(train_split)
+    logger.info("data: %s", data_desc)
+    size, channels, mean, std = args.image_size, len(args.image_mean), args.image_mean, \
+        args.image_std
+    train_ds = data.ImageDataset(train_split, data.image_transform(
+        size, mean, std, train=True, crop_scale=args.crop_scale, hflip=args.hflip), channels,
+        size, args.seed)
+    eval_ds = data.ImageDataset(eval_split, data.image_transform(
+        size, mean, std, eval_crop_ratio=args.eval_crop_ratio), channels, size, args.seed)
+    train_dl, eval_dl = data.loaders(train_ds, eval_ds, args.batch_size // (world * accumulation),
+                                     args.num_workers, pin_memory=accelerator.device.type == "cuda")
+
+    # ---- model, optimizer, AB-training (the one changed line: ab_accel.prepare), LR schedule
+    model = modeling.build_model(args, labels)
+    config = ab_config(args, world, from_scratch)
+    modeling.same_init_without_ab(model, config)
+    optimizer = modeling.adamw(model, args)
+    plugin = accelerator.state.deepspeed_plugin  # the JSON's key was read by ab_config: give
+    if plugin is not None and DEEPSPEED_KEY in plugin.deepspeed_config:  # prepare the one config
+        plugin.deepspeed_config[DEEPSPEED_KEY] = config.to_dict()  # resolved (--no-ab, init)
+    model, optimizer, train_dl, eval_dl = ab_accel.prepare(
+        accelerator, model, optimizer, train_dl, eval_dl, config=config)
+    ab_opt = ab_optimizer(optimizer) if config.enabled else None
+    steps_per_epoch = -(-len(train_dl) // accumulation)
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    scheduler = modeling.lr_schedule(optimizer, total_steps, round(
+        args.lr_warmup_epochs * steps_per_epoch), args.lr_start, args.min_lr)
+    ddp = None
+    if ab_opt is None and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        ddp = report.DDPTraffic(model, world)  # what plain DP sends, counted by a comm hook
+    record = report.RunLog(accelerator, lambda: (
+        (ab_opt.traffic.wire_bytes, ab_opt.traffic.dp_equivalent_wire_bytes) if ab_opt
+        else (ddp.wire_bytes if ddp else 0.0, 0.0)))
+    bad_train, bad_eval = data.UnreadableImages(train_ds), data.UnreadableImages(eval_ds)
+    for obj in (scheduler, ddp, bad_train, record):  # saved by accelerator.save_state
+        if obj is not None:
+            accelerator.register_for_checkpointing(obj)
+    if resume_dir:
+        accelerator.load_state(resume_dir)  # ab_accel restores each rank's own group shard
+        jsonl.restart_from = record.train + record.evals
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, record.step,
+                    record.epoch, record.batches_in_epoch)
+    accelerator.init_trackers(recipe.name, config=report.hyperparameters(args))
+    report.log_start(args, accelerator, model, ab_opt, total_steps)
+
+    # ---- train
+    progress = tqdm(total=total_steps, initial=record.step, desc=recipe.name, dynamic_ncols=True,
+                    disable=None if accelerator.is_main_process else True)  # None: a TTY only
+    t0 = time.time()
+    model.train()
+    with logging_redirect_tqdm():  # log lines print above the progress bar, not into it
+        while record.step < total_steps:
+            train_dl.set_epoch(record.epoch)  # the shuffle order: a function of (seed, epoch)
+            train_ds.set_epoch(record.epoch)  # augmentation: a function of (seed, epoch, index)
+            batches = train_dl
+            if record.batches_in_epoch:  # resuming mid-epoch
+                batches = accelerator.skip_first_batches(train_dl, record.batches_in_epoch)
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    logits = model(pixel_values=batch["pixel_values"]).logits
+                    targets = batch["labels"]
+                    valid = (targets != data.IGNORE_INDEX).sum().clamp(min=1)
+                    loss = F.cross_entropy(logits.float(), targets, reduction="sum",
+                                           label_smoothing=args.label_smoothing,
+                                           ignore_index=data.IGNORE_INDEX) / valid
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                record.batches_in_epoch += 1
+                record.losses.append(loss.item())
+                bad_train.add(batch["index"], targets)
+                if not accelerator.sync_gradients:
+                    continue
+                record.after_step(scheduler.get_last_lr()[0], report.phase_of(ab_opt))
+                scheduler.step()
+                progress.update(1)
+                save = args.checkpointing_steps and record.step % args.checkpointing_steps == 0
+                if save or record.step % args.log_every == 0 or record.step == total_steps:
+                    logged = record.flush()
+                    bad_train.flush(gather_object, accelerator.is_main_process)
+                    if logged:
+                        progress.set_postfix(loss=f"{logged['loss']:.3f}", phase=logged["phase"])
+                if save:
+                    record.elapsed, t0 = record.elapsed + time.time() - t0, time.time()
+                    accelerator.save_state(os.path.join(args.output_dir, "checkpoints",
+                                                        f"step_{record.step}"))
+                if record.step >= total_steps:
+                    break
+            if record.batches_in_epoch >= len(train_dl):  # the epoch is complete
+                record.batches_in_epoch, record.epoch = 0, record.epoch + 1
+                if record.epoch % args.eval_every_epochs == 0:
+                    differ = bool(ab_opt and ab_opt.groups_differ)
+                    result = record.log_eval(evaluate(model, eval_dl, accelerator, len(labels),
+                                                      bad_eval), phase=report.phase_of(ab_opt),
+                                             groups_differ=differ)
+                    logger.info("epoch %d (step %d, %s phase): top-1 %.4f%s", record.epoch,
+                                record.step, result["phase"], result["top1"],
+                                " (the groups differ: each rank evaluates its group's model "
+                                "on its shard)" if differ else "")
+    progress.close()
+    record.elapsed += time.time() - t0
+
+    # ---- the end: one model on every rank, merged export, final evaluation, summary
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    final_sync = "in sync"
+    if ab_opt is not None and ab_opt.finalize():
+        final_sync = f"final sync ({ab_opt.config.sync_mode}): the run stopped mid-AB-phase"
+    at_end = None
+    if ab_opt is not None:  # the AB layers as they end, before the merge
+        from ab_accel.model import ab_layers
+
+        at_end = {"ranks": {name: layer.rank for name, layer in ab_layers(unwrapped)},
+                  "compression": ab_accel.compression(unwrapped)}
+    export = report.export_merged(unwrapped, eval_ds, args, accelerator)
+    final = record.log_eval(evaluate(unwrapped, eval_dl, accelerator, len(labels), bad_eval),
+                            phase=report.phase_of(ab_opt), final=True)
+    traffic = ({"measured_by": "ab_accel's traffic meter", **ab_opt.traffic.summary()} if ab_opt
+               else ddp.summary() if ddp else {"bytes": 0, "wire_bytes": 0.0,
+                                               "measured_by": "single process: none"})
+    per_rank = gather_object([traffic])
+    summary: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        summary = report.summarize(
+            recipe=recipe.name, args=args, ab_opt=ab_opt, record=record, per_rank=per_rank,
+            final=final, classes=len(labels), export={**export, "final_sync": final_sync},
+            at_end=at_end, data=data_desc, wall_time_s=time.time() - started,
+            skipped={"train": len(bad_train.seen), "eval": final["skipped"]})
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def main(recipe: Recipe, argv: Sequence[str]) -> None:
+    """The command line: a bad knob is one line on stderr and exit status 2, no traceback."""
+    try:
+        train(recipe, argv)
+    except (ConfigError, ABConfigError) as exc:
+        print(f"{recipe.name}.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        dist = sys.modules.get("torch.distributed")  # gloo aborts at interpreter exit otherwise
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
