@@ -174,6 +174,8 @@ def prepare(accelerator: Any, *objects: Any, config: ABConfig | dict | None = No
     if isinstance(prepared_model, nn.parallel.DistributedDataParallel):
         hand_reduction_to_ab(prepared_model)
     prepared_opt.optimizer = ab
+    # The overlapped reduction launches only on accumulation boundaries.
+    ab.launch_predicate = lambda: accelerator.sync_gradients
     ab.bind(prepared_model)
     _add_ab_view(prepared_opt)
     _register(accelerator, prepared_model, prepared_opt, ab)

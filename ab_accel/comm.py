@@ -227,12 +227,13 @@ class Communicator:
     # -------------------------------------------------------------- coalesced helpers
     def mean_(self, tensors: Iterable[torch.Tensor], group: Any, ranks: Sequence[int],
               phase: str, weights: Sequence[float] | None = None,
-              divisor: float | None = None) -> None:
+              divisor: float | None = None, wire: bool = True) -> None:
         """In place: every tensor <- the mean of that tensor over ``ranks``.
 
         Tensors are coalesced into flat buckets per dtype and device. With ``weights`` (one
         scalar per tensor), this rank contributes ``weight * tensor``; ``divisor`` replaces the
         group size as the denominator (used to average over a subset of the ranks).
+        ``wire=False`` sends them in their own dtype whatever :attr:`wire_dtype` says.
         """
         tensors = list(tensors)
         if len(ranks) <= 1 or not self.active() or not tensors:
@@ -243,11 +244,11 @@ class Communicator:
         scale = [1.0] * len(tensors) if weights is None else list(weights)
         for bucket in _buckets(tensors):
             self.launch_mean([tensors[i] for i in bucket], group, ranks, phase,
-                             [scale[i] for i in bucket], divisor).wait()
+                             [scale[i] for i in bucket], divisor, wire).wait()
 
     def launch_mean(self, tensors: list[torch.Tensor], group: Any, ranks: Sequence[int],
                     phase: str, weights: Sequence[float] | None = None,
-                    divisor: float | None = None) -> PendingMean:
+                    divisor: float | None = None, wire: bool = True) -> PendingMean:
         """Start the mean of one bucket (tensors of one dtype and device) as an asynchronous
         all-reduce; :meth:`PendingMean.wait` finishes it and writes the result back.
 
@@ -261,20 +262,22 @@ class Communicator:
         scale = [1.0] * len(tensors) if weights is None else list(weights)
         flat = torch.cat([(t * w if w != 1.0 else t).reshape(-1)
                           for t, w in zip(tensors, scale, strict=True)])
-        wire = flat
-        cast = (self.wire_dtype is not None and flat.is_floating_point()
+        payload = flat
+        cast = (wire and self.wire_dtype is not None and flat.is_floating_point()
                 and flat.element_size() > torch.empty((), dtype=self.wire_dtype).element_size())
         if cast:
             flat.div_(denom)
-            wire = flat.to(self.wire_dtype)
+            payload = flat.to(self.wire_dtype)
         work = None
         if len(ranks) > 1 and self.active():
-            self.meter.record("all_reduce", wire.numel() * wire.element_size(), ranks, phase)
+            self.meter.record("all_reduce", payload.numel() * payload.element_size(), ranks,
+                              phase)
             holder: list[Any] = []
-            self._run(lambda: holder.append(dist.all_reduce(wire, group=group, async_op=True)),
+            self._run(lambda: holder.append(dist.all_reduce(payload, group=group,
+                                                            async_op=True)),
                       "all-reduce", ranks, phase)
             work = holder[0]
-        return PendingMean(self, work, flat, wire, tensors, None if cast else denom, ranks,
+        return PendingMean(self, work, flat, payload, tensors, None if cast else denom, ranks,
                            phase)
 
     def broadcast_(self, tensors: Iterable[torch.Tensor], src: int, group: Any,

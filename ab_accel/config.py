@@ -130,6 +130,24 @@ class ABConfig:
                           "optimizer state. Needs warmup_steps=0 and rebound_steps=0 (no dense "
                           "steps at all)."},
     )
+    overlap: bool = field(
+        default=True,
+        metadata={"help": "Launch the gradient reduction during backward, bucket by bucket, as "
+                          "DDP does (false: reduce after backward, in step())."},
+    )
+    bucket_mb: float = field(
+        default=25.0,
+        metadata={"help": "Size of one overlapped gradient bucket in MiB (DDP's default is 25)."},
+    )
+    comm_dtype: str | None = field(
+        default=None,
+        metadata={"help": "The dtype on the wire: 'bf16' or 'fp16' halve the bytes of "
+                          "gradients and sync payloads (divided by the group size first, summed "
+                          "by the collective in that dtype, cast back into the parameters' "
+                          "precision, as torch's compression hooks do); None sends them as "
+                          "they are. fp16 cannot represent gradients beyond +-65504: bf16 is "
+                          "the safe choice."},
+    )
     max_skipped_steps: int = field(
         default=10,
         metadata={"help": "A step whose gradients are non-finite (NaN or inf) on any rank is "
@@ -256,6 +274,20 @@ class ABConfig:
                 f"ab_training.lean_memory needs warmup_steps=0 and rebound_steps=0 (got "
                 f"{self.warmup_steps} and {self.rebound_steps}): its point is that no step is "
                 f"dense, so no dense weight ever gets gradients or optimizer state.")
+        if not isinstance(self.overlap, bool):
+            raise ABConfigError(f"ab_training.overlap must be true or false, got "
+                                f"{self.overlap!r}.")
+        if isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, (int, float)) \
+                or self.bucket_mb <= 0:
+            raise ABConfigError(f"ab_training.bucket_mb must be a number of MiB > 0, got "
+                                f"{self.bucket_mb!r}.")
+        if self.comm_dtype in ("none", "None", "fp32"):
+            self.comm_dtype = None
+        if self.comm_dtype not in (None, "bf16", "fp16"):
+            hint = difflib.get_close_matches(str(self.comm_dtype), ["bf16", "fp16"], n=1)
+            raise ABConfigError(
+                f"ab_training.comm_dtype must be 'bf16', 'fp16' or null, got "
+                f"{self.comm_dtype!r}." + (f" Did you mean {hint[0]!r}?" if hint else ""))
         if not isinstance(self.accept_resume_changes, bool):
             raise ABConfigError("ab_training.accept_resume_changes must be true or false, got "
                                 f"{self.accept_resume_changes!r}.")

@@ -340,6 +340,8 @@ def attach(engine: Any, ab_optimizer: ABOptimizer) -> ABOptimizer:
     if ab_optimizer.model is None:
         ab_optimizer.bind(engine.module)
     engine.ab_optimizer = ab_optimizer
+    # The overlapped reduction launches only in the backward of an accumulation boundary.
+    ab_optimizer.launch_predicate = engine.is_gradient_accumulation_boundary
     # Patches, on this engine only: DeepSpeed has no public hook for its gradient all-reduce,
     # its fp32 clipping or its checkpoint files (engine.backward calls allreduce_gradients
     # directly), and AB-training must replace the first two and extend the last two.

@@ -26,11 +26,12 @@ Clip gradients AFTER they are reduced: call :meth:`ABOptimizer.synchronize` (or 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ from .config import ABConfig
 from .groups import ABGroups, build_groups
 from .layers import ABLayer
 from .model import ab_layers, compression, why_nothing_to_factorize
+from .reducer import OverlapReducer
 from .schedule import ABSchedule
 from .vocab import Event, LayerMode, Phase, Role, SyncMode, TrafficLabel
 
@@ -135,6 +137,17 @@ class ABOptimizer(torch.optim.Optimizer):
         self.consecutive_skips = 0
         self._skip = False
         self._nonfinite_ranks: list[int] = []
+        self._no_sync = False
+        #: When set (by the integrations), the overlapped reduction launches only while it is
+        #: True: Accelerate's ``sync_gradients``, DeepSpeed's accumulation boundary.
+        self.launch_predicate: Callable[[], bool] | None = None
+        self._reducer: OverlapReducer | None = None
+        # per scope (its ranks): modules none of whose grads arrived in its last step; learned
+        # from the scope's reduced flags, so every rank of the scope holds the same set
+        self._unused_layers: dict[tuple[int, ...], set[str]] = {}
+        if self.config.comm_dtype is not None:
+            self.comm.wire_dtype = {"bf16": torch.bfloat16,
+                                    "fp16": torch.float16}[self.config.comm_dtype]
         #: Wall seconds spent in phase switches, by event ("factorize", "sync"), and in the SVDs.
         self.switch_seconds: dict[str, float] = defaultdict(float)
         self.svd_seconds = 0.0
@@ -229,10 +242,15 @@ class ABOptimizer(torch.optim.Optimizer):
         if self.model is not None:
             raise RuntimeError("ABOptimizer is already bound to a model")
         self.model = model
-        self._layers = list(ab_layers(model))
+        # Layer names as the user's model has them, not under a DDP wrapper's "module." prefix.
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self._layers = list(ab_layers(inner))
         if not self._layers and self.config.enabled:
             raise ValueError(f"The model has no AB layers: {why_nothing_to_factorize(model)}")
         self.groups = build_groups(self.config, world=self.process_group)
+        if self.config.overlap:
+            self._reducer = OverlapReducer(self.comm, int(self.config.bucket_mb * 2**20),
+                                           self._should_launch)
         first = next(iter(model.parameters()), None)
         if first is not None:  # NCCL reduces CUDA tensors only: ab_accel's own small tensors
             self.comm.device = first.device  # (ranks, digests, flags) live with the model
@@ -318,6 +336,35 @@ class ABOptimizer(torch.optim.Optimizer):
         role = self.groups.role if self.phase == Phase.AB else None
         for _, layer in self._layers:
             layer.set_role(role if layer.mode == LayerMode.AB else None)
+        if self._reducer is not None:  # the trained tensors or the scope changed: new buckets
+            self._arm_reducer()
+
+    def _arm_reducer(self) -> None:
+        group, ranks = self._scope()
+        params = self.trained_params()
+        # a scope's first step starts from what the world learned (the same on every rank)
+        unused = self._unused_layers.get(ranks, self._unused_layers.get(self._world_ranks, set()))
+        deferred = {id(p) for p in params if self._module_of_params().get(id(p), "") in unused}
+        self._reducer.arm(params, group, ranks, self.phase, deferred)
+
+    def _module_of_params(self) -> dict[int, str]:
+        return {id(p): name.rpartition(".")[0] for name, p in self.model.named_parameters()}
+
+    def _should_launch(self) -> bool:
+        if self._no_sync:
+            return False
+        return self.launch_predicate() if self.launch_predicate is not None else True
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Gradient accumulation with plain torch: run every backward but the last of an
+        optimizer step inside this block, so the overlapped reduction launches only once, on
+        the accumulated sum (like ``DistributedDataParallel.no_sync``)."""
+        previous, self._no_sync = self._no_sync, True
+        try:
+            yield
+        finally:
+            self._no_sync = previous
 
     # ------------------------------------------------------------------ the step
     def _scope(self) -> tuple[Any, tuple[int, ...]]:
@@ -360,16 +407,32 @@ class ABOptimizer(torch.optim.Optimizer):
             # One "used" flag per trained tensor, and last the number of ranks whose own
             # gradients are non-finite: it rides in the gradient all-reduce (no extra trip).
             used = torch.tensor(flags + [0.0], dtype=kind.dtype, device=kind.device)
-            local_bad = _nonfinite(grads + self._buffers, kind.device)
-            used[-1] = local_bad.to(used.dtype)
             own_buffers = [b.clone() for b in self._buffers]  # small: BatchNorm statistics
-            self.comm.mean_(grads + [used] + self._buffers, group, ranks, self.phase)
+            if self._reducer is not None and self._reducer.armed:
+                # The gradients went out during backward; what is left: the flags, the buffers.
+                sent_bad = self._reducer.finish()
+                local_bad = _nonfinite(self._buffers, kind.device)
+                if sent_bad is not None:
+                    local_bad = local_bad | sent_bad
+                used[-1] = local_bad.to(used.dtype)
+                self.comm.mean_([used] + self._buffers, group, ranks, self.phase, wire=False)
+            else:
+                local_bad = _nonfinite(grads + self._buffers, kind.device)
+                used[-1] = local_bad.to(used.dtype)
+                if self.comm.wire_dtype is None:
+                    self.comm.mean_(grads + [used] + self._buffers, group, ranks, self.phase)
+                else:
+                    self.comm.mean_(grads, group, ranks, self.phase)
+                    self.comm.mean_([used] + self._buffers, group, ranks, self.phase,
+                                    wire=False)
             # The reduced sum can overflow although every rank's own gradients are finite.
             reduced_bad = _nonfinite(grads, kind.device)
             values = torch.cat([used, reduced_bad.to(used.dtype).view(1)]).tolist()
             for p, u in zip(params, values[:-2], strict=True):
                 if u == 0.0:
                     p.grad = None
+            if self._reducer is not None:
+                self._learn_unused(params, values[:-2])
             bad = values[-2] > 0 or values[-1] > 0
             if self.phase == Phase.AB and self.groups.plan.num_groups > 1:
                 # The groups share no collective in an AB phase: one number tells the world.
@@ -402,6 +465,18 @@ class ABOptimizer(torch.optim.Optimizer):
                     buf.zero_()
             self.comm.mean_(self._buffers, group, ranks, self.phase,
                             weights=[1.0 / finite] * len(self._buffers), divisor=1.0)
+
+    def _learn_unused(self, params: list[nn.Parameter], used: list[float]) -> None:
+        """Modules that got no gradient on any rank of the scope go to the last buckets from
+        the next step on (the flags are the reduced ones: every rank learns the same)."""
+        names = self._module_of_params()
+        unused = {names.get(id(p), "") for p, u in zip(params, used, strict=True) if u == 0.0}
+        used_layers = {names.get(id(p), "") for p, u in zip(params, used, strict=True) if u}
+        unused -= used_layers
+        scope = self._scope()[1]
+        if unused != self._unused_layers.get(scope, set()):
+            self._unused_layers[scope] = unused
+            self._arm_reducer()
 
     def _ranks_with(self, flag: bool) -> list[int]:
         """The world ranks where ``flag`` is True (one all-gather; used on the failure path)."""
@@ -455,7 +530,9 @@ class ABOptimizer(torch.optim.Optimizer):
         self.consecutive_skips += 1
         ranks = self._nonfinite_ranks
         where = (f"rank(s) {ranks}" if ranks else
-                 "no rank's own gradients, but their sum over the group overflowed")
+                 "no rank's own gradients, but their sum over the group overflowed"
+                 + (" (comm_dtype fp16 holds no value beyond +-65504: use bf16)"
+                    if self.config.comm_dtype == "fp16" else ""))
         limit = self.config.max_skipped_steps
         if self.consecutive_skips > limit:
             raise NonFiniteError(
@@ -713,7 +790,11 @@ def _unique_buffers(model: nn.Module) -> Iterable[torch.Tensor]:
 
 
 def _digest(layers: list[ABLayer]) -> float:
-    """A CRC32 of every factor's bytes (exact in a float64)."""
+    """A CRC32 of every factor's bytes (exact in a float64).
+
+    Costs one copy of the factors to host memory per factorization (a switch, every
+    ``sync_every`` steps; never in a training step): the price of checking that every rank's
+    SVD gave the same factors."""
     crc = 0
     for layer in layers:
         for t in (layer.A, layer.B):

@@ -187,6 +187,8 @@ class ABTrainer(Trainer):
                 # world (and cannot follow re-created factors). Keep it off for the whole run.
                 hand_reduction_to_ab(model)
         wrapped.optimizer = ab
+        # The overlapped reduction launches only on the Trainer's accumulation boundaries.
+        ab.launch_predicate = lambda: self.accelerator.sync_gradients
         self.ab_optimizer = ab
 
     # ------------------------------------------------------------------ clipping

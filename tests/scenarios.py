@@ -74,6 +74,8 @@ class CollectiveSpy:
         self.bytes = 0
         self.calls = 0
         self.groups: list[tuple[int, ...]] = []
+        self.sizes: list[tuple[int, str]] = []  # (bytes, dtype) of every call, in issue order
+        self.devices: set[str] = set()
         self._orig: dict[str, Callable] = {}
 
     def __enter__(self) -> CollectiveSpy:
@@ -84,6 +86,8 @@ class CollectiveSpy:
             def wrapper(tensor, *args, _orig=orig, **kwargs):
                 self.calls += 1
                 self.bytes += tensor.numel() * tensor.element_size()
+                self.sizes.append((tensor.numel() * tensor.element_size(), str(tensor.dtype)))
+                self.devices.add(str(tensor.device))
                 group = kwargs.get("group")
                 ranks = tuple(dist.get_process_group_ranks(group)) if group is not None \
                     else tuple(range(dist.get_world_size()))
@@ -154,8 +158,8 @@ def _run_mode(rank: int, world: int, cfg: ABConfig, optimizer_name: str) -> dict
                 (t - cfg.warmup_steps) % cfg.sync_every:
             before_sync_factors = "pending"
         loss = loss_of(model, rank, t)
-        loss.backward()
-        with spy:
+        with spy:  # the overlapped reduction launches during backward
+            loss.backward()
             opt.synchronize()
         if phase == "rebound":
             entry["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()
@@ -207,6 +211,8 @@ def _run_mode(rank: int, world: int, cfg: ABConfig, optimizer_name: str) -> dict
     rec["summary"] = opt.traffic.summary()
     rec["records"] = opt.traffic.records
     rec["spy_bytes"] = spy.bytes
+    rec["spy_devices"] = sorted(spy.devices)
+    rec["comm_device"] = str(opt.comm.device)
     rec["spy_calls"] = spy.calls
     rec["spy_groups"] = spy.groups
     rec["dp_step_bytes"] = dp_equivalent_bytes_per_step(small_cnn)
@@ -498,4 +504,74 @@ def lean_memory_run(rank: int, world: int) -> dict[str, Any]:
             "steps": steps, "full_modes": full_modes, "dense_state": dense_state,
             "switches": [(sw.event.value, sw.step) for sw in opt.switches],
             "ranks": opt.ranks}
+    return out
+
+
+class _Branchy(nn.Module):
+    """An MLP whose ``extra`` layer is used on rank 0 only, and ``never`` on no rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(64, 48)
+        self.hidden = nn.ModuleList(nn.Linear(48, 48) for _ in range(4))
+        self.extra = nn.Linear(48, 48)
+        self.never = nn.Linear(48, 48)
+        self.out = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor, use_extra: bool) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        for layer in self.hidden:
+            h = torch.relu(layer(h))
+        if use_extra:
+            h = h + self.extra(h)
+        return self.out(h)
+
+
+def overlap_vs_after_backward(rank: int, world: int) -> dict[str, Any]:
+    """The same steps with the reduction overlapped with backward and reduced after it, with
+    gradient accumulation (2 micro-steps), a layer unused on some ranks and one unused on all,
+    and small buckets (so several launch during backward); then the bf16 and fp16 wires."""
+    out: dict[str, Any] = {}
+    gen = torch.Generator().manual_seed(100 + rank)
+    data = [(torch.randn(8, 64, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+            for _ in range(24)]
+    for name, extra in (("after", {"overlap": False}), ("overlap", {"overlap": True}),
+                        ("bf16", {"comm_dtype": "bf16"}), ("fp16", {"comm_dtype": "fp16"}),
+                        ("fp32_after", {"overlap": False, "comm_dtype": None})):
+        cfg = ABConfig(warmup_steps=2, sync_every=4, rebound_steps=1, lr_rebound_steps=0,
+                       rank_cutoff=0.3, bucket_mb=0.01, **extra)
+        torch.manual_seed(0)
+        model = convert(_Branchy(), cfg)
+        opt = ABOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, cfg)
+        spy = CollectiveSpy()
+        during_backward, micro_calls, grads, sizes, scopes = [], [], [], [], []
+        for t in range(8):
+            scopes.append(len(opt._scope()[1]))
+            spy.sizes.clear()  # (the switches of the last step() are not this step's)
+            for micro in range(2):
+                x, y = data[(2 * t + micro) % len(data)]
+                loss = nn.functional.cross_entropy(model(x, use_extra=rank == 0), y)
+                spy.calls = 0
+                with spy:
+                    if micro == 0:
+                        with opt.no_sync():
+                            loss.backward()
+                        micro_calls.append(spy.calls)
+                    else:
+                        loss.backward()
+                        during_backward.append(spy.calls)
+            with spy:
+                opt.synchronize()
+            sizes.append(spy.sizes[:])  # every collective of the step, in issue order
+            spy.sizes.clear()
+            grads.append({n: (None if p.grad is None else p.grad.clone())
+                          for n, p in model.named_parameters()})
+            with spy:
+                opt.step()
+            opt.zero_grad()
+        out[name] = {"during_backward": during_backward, "micro_calls": micro_calls,
+                     "scopes": scopes,
+                     "grads": grads, "params": flat_named(model), "sizes": sizes,
+                     "bytes": opt.traffic.summary()["bytes"],
+                     "grad_bytes": opt.traffic.summary()["bytes_by_phase"]}
     return out

@@ -170,6 +170,9 @@ def test_meter_counts_what_really_went_through_torch_distributed(runs, mode):
         s = rec["summary"]
         assert s["bytes"] == rec["spy_bytes"]
         assert s["calls"] == rec["spy_calls"]
+        # every tensor ab_accel hands to torch.distributed lives on the model's device (an
+        # NCCL group reduces CUDA tensors only)
+        assert rec["spy_devices"] == [rec["comm_device"]]
         assert s["bytes"] == sum(s["bytes_by_phase"].values())
         steps = len(rec["steps"])
         assert s["dp_equivalent_bytes"] == steps * rec["dp_step_bytes"]
@@ -303,3 +306,61 @@ def test_lean_memory_switches_layer_by_layer_with_the_same_result():
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         assert lean["full_modes"] == 0 and lean["dense_state"] == 0
         assert lean["ranks"] == plain["ranks"] and all(r for r in lean["ranks"].values())
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_overlapped_reduction_equals_the_reduction_after_backward(world):
+    results = run_distributed(scenarios.overlap_vs_after_backward, world)
+    for rank, res in enumerate(results):
+        after, over = res["after"], res["overlap"]
+        # buckets went out during backward wherever the step's scope has peers (from step 1:
+        # step 0 learns that the "never" layer gets no gradient, and defers its bucket); on
+        # the other ranks "extra" gets no gradient, which holds its bucket (and the ones after
+        # it, launched in order) until step(): the same collectives, in the same order
+        if rank == 0:
+            assert [n > 0 for n in over["during_backward"][1:]] == \
+                [s > 1 for s in over["scopes"][1:]]
+            assert any(s > 1 for s in over["scopes"])
+        assert all(n == 0 for n in after["during_backward"])
+        assert all(n == 0 for n in over["micro_calls"] + after["micro_calls"])  # no_sync
+        assert over["bytes"] == after["bytes"]                 # the meter is unchanged
+        for a, b in zip(after["grads"], over["grads"], strict=True):
+            assert a.keys() == b.keys()
+            for k in a:
+                assert (a[k] is None) == (b[k] is None), k
+                if a[k] is None:
+                    continue
+                if world == 2:  # a + b in any order: bit-identical
+                    assert torch.equal(a[k], b[k]), k
+                else:           # a ring's summation order follows the buffer layout
+                    torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+        assert all(v is None for g in over["grads"] for k, v in g.items()  # unused everywhere
+                   if k.startswith("never."))
+        assert all(g["extra.weight"] is not None for g in over["grads"][:2])  # used on rank 0
+        # every rank issued the same collectives in the same order (per scope)
+        peer = 0 if rank < world // 2 else world // 2
+        assert [s for s in over["sizes"]] == [s for s in results[peer]["overlap"]["sizes"]]
+        for t in range(2):  # warm-up: the whole world in step
+            assert over["sizes"][t] == results[0]["overlap"]["sizes"][t]
+
+
+def test_a_bf16_or_fp16_wire_halves_the_gradient_bytes_and_stays_close():
+    results = run_distributed(scenarios.overlap_vs_after_backward, 2)
+    for res in results:
+        fp32 = res["overlap"]
+        for name in ("bf16", "fp16"):
+            low = res[name]
+            wire_dtype = "torch.bfloat16" if name == "bf16" else "torch.float16"
+            for t in range(8):  # the gradient buckets go in the wire dtype, the flags do not
+                if low["scopes"][t] == 1:
+                    continue  # an AB step of a 2-rank world: groups of one, nothing sent
+                kinds = {d for _, d in low["sizes"][t]}
+                assert wire_dtype in kinds and "torch.float32" in kinds, kinds
+                grad_bytes = sum(b for b, d in low["sizes"][t] if d == wire_dtype)
+                fp32_grad_bytes = sum(b for b, _ in fp32["sizes"][t][:-1])
+                assert grad_bytes * 2 == fp32_grad_bytes
+            tol = 1e-2 if name == "bf16" else 2e-3
+            for a, b in zip(fp32["grads"][:1], low["grads"][:1], strict=True):
+                for k in a:
+                    if a[k] is not None:
+                        torch.testing.assert_close(b[k], a[k], rtol=tol, atol=tol * 1e-2)

@@ -1,0 +1,148 @@
+"""Gradient reduction overlapped with backward: buckets launched as their gradients are ready.
+
+DDP starts each bucket's all-reduce as soon as the bucket's last gradient has been accumulated,
+and hides it behind the rest of backward. :class:`OverlapReducer` does the same for the
+ABOptimizer, in the step's scope (the world in warm-up and rebound, the own group in an AB
+phase):
+
+* the trained parameters are cut into buckets of at most ``bucket_bytes``, in reverse
+  registration order (roughly the order backward produces their gradients), by dtype and
+  device: the same buckets on every rank;
+* a ``post-accumulate-grad`` hook on every trained parameter marks it ready; buckets are
+  launched strictly in bucket order (a ready bucket waits for the ones before it), so every
+  rank issues the same collectives in the same order, whatever order its gradients arrive in;
+* nothing is launched while ``should_launch()`` is False (gradient-accumulation micro-steps:
+  Accelerate's ``sync_gradients``, DeepSpeed's boundary, ``ABOptimizer.no_sync()``);
+* :meth:`finish` (called by ``ABOptimizer.synchronize``) launches what is left (buckets with a
+  parameter that got no gradient on this rank: its gradient is zero-filled, as the
+  unoverlapped path does) and waits for every bucket;
+* a layer whose parameters got a gradient on no rank of the scope in the last step (a branch
+  the model skips) is put in the last buckets from the next step on (``deferred``: the same on
+  every rank, since it comes from the reduced flags), so it cannot hold back the buckets after
+  it; the first step, and the first step after a switch for the new factors, learn it.
+
+The result equals the unoverlapped reduction: the same means, over the same ranks; only the
+grouping of tensors into flat buffers differs, so with more than two ranks a ring's summation
+order (and the last bit of a sum) may differ. The meter counts the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .comm import Communicator, PendingMean
+
+
+class OverlapReducer:
+    """Launches the gradient means of one step during backward; see the module docstring."""
+
+    def __init__(self, comm: Communicator, bucket_bytes: int,
+                 should_launch: Callable[[], bool]) -> None:
+        self.comm = comm
+        self.bucket_bytes = int(bucket_bytes)
+        self.should_launch = should_launch
+        self._buckets: list[list[nn.Parameter]] = []
+        self._bucket_of: dict[int, int] = {}
+        self._hooks: list[Any] = []
+        self._scope: tuple[Any, tuple[int, ...], str] = (None, (), "")
+        self._reset_step()
+
+    # ------------------------------------------------------------------ arming
+    def arm(self, params: list[nn.Parameter], group: Any, ranks: tuple[int, ...],
+            phase: str, deferred: set[int] | frozenset[int] = frozenset()) -> None:
+        """(Re)build the buckets of ``params`` (the trained parameters, in a rank-independent
+        order) for reductions over ``ranks``, and hook them; the parameters whose ids are in
+        ``deferred`` (unused last step) go last. Call after every switch."""
+        self.disarm()
+        self._scope = (group, ranks, phase)
+        if len(ranks) <= 1 or not self.comm.active():
+            return
+        ordered = list(reversed(params))
+        ordered = ([p for p in ordered if id(p) not in deferred]
+                   + [p for p in ordered if id(p) in deferred])
+        by_kind: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
+        for p in ordered:
+            by_kind.setdefault((p.dtype, p.device), []).append(p)
+        for kind_params in by_kind.values():
+            bucket: list[nn.Parameter] = []
+            size = 0
+            for p in kind_params:
+                nbytes = p.numel() * p.element_size()
+                if bucket and size + nbytes > self.bucket_bytes:
+                    self._buckets.append(bucket)
+                    bucket, size = [], 0
+                bucket.append(p)
+                size += nbytes
+            if bucket:
+                self._buckets.append(bucket)
+        for index, bucket in enumerate(self._buckets):
+            for p in bucket:
+                self._bucket_of[id(p)] = index
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._ready))
+        self._reset_step()
+
+    def disarm(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._buckets, self._bucket_of = [], [], {}
+        self._reset_step()
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._buckets)
+
+    def _reset_step(self) -> None:
+        self._ready_count = [0] * len(self._buckets)
+        self._seen: set[int] = set()
+        self._pending: list[PendingMean] = []
+        self._next = 0
+        self._local_bad: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ during backward
+    def _ready(self, param: torch.Tensor) -> None:
+        if not self.should_launch():
+            return  # an accumulation micro-step: the gradient keeps accumulating locally
+        key = id(param)
+        if key in self._seen:
+            raise RuntimeError(
+                "A parameter received its gradient twice before the optimizer step, with the "
+                "overlapped reduction already launched for it. For gradient accumulation, run "
+                "every backward but the last inside `with optimizer.no_sync():` (Accelerate, "
+                "DeepSpeed and the Trainer do this for you), or set ab_training.overlap=false.")
+        self._seen.add(key)
+        index = self._bucket_of[key]
+        self._ready_count[index] += 1
+        while (self._next < len(self._buckets)
+               and self._ready_count[self._next] == len(self._buckets[self._next])):
+            self._launch(self._next)
+
+    def _launch(self, index: int) -> None:
+        group, ranks, phase = self._scope
+        grads = []
+        for p in self._buckets[index]:
+            if p.grad is None:  # no gradient on this rank: it counts as zero (as unoverlapped)
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        bad = ~torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        self._local_bad = bad if self._local_bad is None else self._local_bad | bad
+        self._pending.append(self.comm.launch_mean(grads, group, ranks, phase))
+        self._next = index + 1
+
+    # ------------------------------------------------------------------ at the step
+    def finish(self) -> torch.Tensor | None:
+        """Launch the buckets still waiting, wait for all of them. Returns whether any gradient
+        this rank sent was non-finite (a 0-d bool tensor; None if nothing was sent)."""
+        while self._next < len(self._buckets):
+            self._launch(self._next)
+        for pending in self._pending:
+            pending.wait()
+        bad = self._local_bad
+        self._reset_step()
+        return bad
+
+
+__all__ = ["OverlapReducer"]
