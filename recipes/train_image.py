@@ -124,9 +124,10 @@ def checkpoint_dir(args: TrainArgs) -> str | None:
              and d[5:].isdigit() and os.path.isfile(os.path.join(folder, d, MANIFEST))),
             key=lambda d: int(d.rpartition("_")[2]), default=None) if os.path.isdir(folder) \
             else None
-        if path is None:
-            raise ConfigError(f"--resume_from_checkpoint latest: no complete checkpoint in "
-                              f"{folder}.")
+        if path is None:  # the first start of a run launched to restart itself (torchrun)
+            logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s yet: "
+                           "starting from step 0", folder)
+            return None
     if path and not os.path.isdir(path):
         raise ConfigError(f"--resume_from_checkpoint {path!r} does not exist.")
     return path
