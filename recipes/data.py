@@ -35,8 +35,15 @@ def check_data_dir(data_dir: str) -> None:
             folder = os.path.join(data_dir, "validation")
         if not os.path.isdir(folder):
             raise ConfigError(f"--data_dir {data_dir!r} has no {split}/ folder: {layout}.")
-        if not any(os.path.isdir(os.path.join(folder, d)) for d in os.listdir(folder)):
+        classes = [os.path.join(folder, d) for d in sorted(os.listdir(folder))
+                   if os.path.isdir(os.path.join(folder, d))]
+        if not classes:
             raise ConfigError(f"{folder!r} holds no class folders: {layout}.")
+        if not any(any(e.is_file() for e in os.scandir(c)) for c in classes):  # first file: stop
+            names = ", ".join(os.path.basename(c) for c in classes[:5])
+            raise ConfigError(f"the class folders of {folder!r} ({names}"
+                              f"{', ...' if len(classes) > 5 else ''}) hold no image files: "
+                              f"{layout}.")
 
 
 def load_splits(args: DataArgs) -> tuple[Any, Any, str]:

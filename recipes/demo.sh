@@ -44,13 +44,22 @@ mib = 2 ** 20
 print(f"""
 == demo summary ({ab['ranks']} CPU processes, sklearn digits, {ab['steps']} steps, {seconds} s)
    top-1, the exported merged model   AB {ab['accuracy']['top1']:.3f}    DP {dp['accuracy']['top1']:.3f}
-   traffic, all ranks                 AB {t['wire_bytes'] / mib:.1f} MiB    DP \
+   traffic (wire), all ranks          AB {t['wire_bytes'] / mib:.1f} MiB    DP \
 {dp['traffic']['wire_bytes'] / mib:.1f} MiB: ring estimates (2(g-1)/g of each all-reduce's \
 bytes over g ranks) of the bytes counted by ab_accel's meter (AB) and by a DDP comm hook (DP)
    traffic reduction vs DP            {100 * b['measured_reduction']:.1f}% against the --no-ab \
-run, {100 * t['reduction_vs_dp']:.1f}% against the exact DP count of the same steps
-   compression                        {c['factorized_ratio']:.2f}:1 on the parameter count of \
-the factorized layers ({c['ratio']:.2f}:1 whole model), dense / AB after the last factorization
+run's ring estimate, {100 * t['reduction_vs_dp']:.1f}% against the DP-equivalent wire bytes of \
+the same steps (what a plain all-reduce of every gradient would send, by ab_accel's meter)
+   compression                        {c['factorized_ratio']:.2f}:1 on the factorized layers \
+({c['ratio']:.2f}:1 whole model): {c['of']}
+   non-finite steps skipped           {ab['skipped_steps']}
    plot (both runs)                   {plot}
    merged model (plain transformers)  {ab['export']['dir']}""")
+gap = 100 * (dp["accuracy"]["top1"] - ab["accuracy"]["top1"])
+if gap > 1:
+    print(f"   note: AB is {gap:.1f} points below DP. On sklearn's 360 eval digits, cutting a "
+          f"64-wide ViT to a quarter of its rank costs about a point that {ab['steps']} steps "
+          f"do not win back; the paper's tau (rank_cutoff 0.15) keeps full rank here (1.01:1, "
+          f"no compression) because the orthogonal init's flat spectrum does not decay in so "
+          f"few steps. See configs/vit_digits.yaml.")
 EOF

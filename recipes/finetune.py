@@ -50,6 +50,12 @@ def parse(argv: list[str]) -> tuple[FinetuneArgs, Any]:
     if not torch.cuda.is_available():  # one gloo world before TrainingArguments exist
         argv += ["--dataloader_pin_memory", "false"]
         if "--deepspeed" in argv:
+            if "WORLD_SIZE" not in os.environ:  # no launcher: no process group to join
+                raise ConfigError(
+                    "--deepspeed on CPU needs a launcher that starts the processes and their "
+                    "group: `deepspeed --num_gpus N recipes/finetune.py ...` (N=1 for one "
+                    "process) or `torchrun --nproc_per_node N recipes/finetune.py ...`; plain "
+                    "`python recipes/finetune.py` runs without --deepspeed.")
             from ab_accel.trainer import setup_cpu_deepspeed
 
             argv += ["--accelerator_config", json.dumps(setup_cpu_deepspeed())]

@@ -98,8 +98,8 @@ class RunLog:
     checkpointing: written by the main process, loaded by every rank).
     """
 
-    def __init__(self, accelerator: Any, meter: Any) -> None:
-        self.accelerator, self.meter = accelerator, meter
+    def __init__(self, accelerator: Any, meter: Any, skipped: Any = lambda: 0) -> None:
+        self.accelerator, self.meter, self.skipped = accelerator, meter, skipped
         self.step = self.epoch = self.batches_in_epoch = 0
         self.elapsed, self.losses = 0.0, []
         self.train: list[dict[str, Any]] = []
@@ -130,7 +130,7 @@ class RunLog:
         if not totals[1]:
             return None
         record = {"step": self.step, "epoch": self.epoch, "loss": float(totals[0] / totals[1]),
-                  "lr": self._lr, "phase": self._phase}
+                  "lr": self._lr, "phase": self._phase, "skipped_steps": self.skipped()}
         self.train.append(record)
         acc.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
         return record
@@ -169,11 +169,24 @@ def log_start(args: Any, accelerator: Any, model: Any, ab_opt: Any, total_steps:
         logger.info("AB-training off (--no-ab): plain data parallel (DDP all-reduce)")
     else:
         spans = ab_opt.schedule.describe(total_steps)
+        if never_ab(spans):
+            logger.warning(never_ab(spans))
         logger.info("AB-training: %d layers, %s, groups %s, roles %s; %s%s", len(ab_opt.ranks),
                     ab_opt.config.sync_mode, [list(g) for g in ab_opt.groups.plan.groups],
                     [str(r) for r in ab_opt.groups.plan.roles],
                     ", ".join(f"{p} {a}-{b - 1}" for p, a, b in spans[:7]),
                     " ..." if len(spans) > 7 else "")
+
+
+def never_ab(spans: list[tuple[Any, int, int]]) -> str | None:
+    """What to say at the start of a run whose phases (``ABSchedule.describe``) hold no AB step."""
+    if any(str(p) == "ab" for p, _, _ in spans):
+        return None
+    total = spans[-1][2] if spans else 0
+    return (f"this run of {total} steps never reaches an AB phase (it ends within the "
+            f"ab_training warm-up): it is plain data parallel throughout, so its traffic "
+            f"reduction against DP will be ~0 (slightly below: one flag per parameter each "
+            f"step). Lower --ab_training.warmup_steps or raise --max_steps / --epochs.")
 
 
 def export_merged(model: Any, eval_ds: Any, args: Any, accelerator: Any) -> dict[str, Any]:
@@ -227,6 +240,7 @@ def summarize(*, recipe: str, args: Any, ab_opt: Any, record: RunLog, per_rank: 
                             "all-reduce's payload over g ranks), summed over the ranks"},
         "wall_time_s": wall_time_s, "train_time_s": record.elapsed, "export": export,
         "skipped_images": skipped, "switches": switches,
+        "skipped_steps": ab_opt.skipped_steps if ab_opt else 0,
         "phases": ab_opt.schedule.describe(record.step) if ab_opt else [("dp", 0, record.step)],
         "sync_steps": [w["step"] for w in switches if w["event"] == "sync"],
         "bytes_per_step": {"wire": record.wire},
@@ -239,14 +253,16 @@ def summarize(*, recipe: str, args: Any, ab_opt: Any, record: RunLog, per_rank: 
     if ab_opt is not None:
         facts = [w for w in switches if w["event"] == "factorize"]
         last, plan = facts[-1]["compression"] if facts else {}, ab_opt.groups.plan
+        when = "" if not facts else "at the end of the run" if facts[-1]["step"] >= \
+            record.step else f"at step {facts[-1]['step']}"
         s.update(ab_config=ab_opt.config.to_dict(), group_size=plan.group_size,
                  groups=[list(g) for g in plan.groups], roles=[str(r) for r in plan.roles],
                  layer_ranks_at_end=at_end["ranks"], compression={
                      "ratio": last.get("ratio", 1.0),
                      "factorized_ratio": last.get("factorized_ratio", 1.0),
                      "params_dense": last.get("params_dense"), "params_ab": last.get("params_now"),
-                     "of": f"parameter count, dense / AB, after the last factorization (step "
-                           f"{facts[-1]['step']})" if facts else "no factorization happened",
+                     "of": f"parameter count, dense / AB, of the last factorization ({when}), "
+                           f"from ABOptimizer.switches" if facts else "no factorization happened",
                      "ratio_at_end": at_end["compression"]["ratio"]})
         s["bytes_per_step"]["dp_equivalent_wire"] = record.dp_wire
     if args.baseline_run:
@@ -260,8 +276,9 @@ def summarize(*, recipe: str, args: Any, ab_opt: Any, record: RunLog, per_rank: 
     print(f"== {recipe} on {s['data_short']}: {s['ranks']} ranks, {s['steps']} steps, "
           f"{wall_time_s:.0f} s; top-1 {final['top1']:.4f} (the exported merged model); "
           f"{wire / 2**20:.2f} MiB sent (ring estimate, all ranks, {per_rank[0]['measured_by']})"
-          + (f", {abs(100 * (1 - wire / dp)):.1f}% {'less' if wire <= dp else 'more'} than DP's "
-             f"exact count" if dp else "")
+          + (f", {abs(100 * (1 - wire / dp)):.1f}% {'less' if wire <= dp else 'more'} than the "
+             f"DP-equivalent count of the same steps" if dp else "")
+          + (f"; {s['skipped_steps']} non-finite step(s) skipped" if s["skipped_steps"] else "")
           + (f"; compression {c['factorized_ratio']:.2f}:1 on the factorized layers "
              f"({c['of']})" if c else "") + f"; {args.output_dir}/summary.json", flush=True)
     try:  # drawn from the file just written, by recipes/plot.py

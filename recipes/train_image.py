@@ -90,18 +90,107 @@ def evaluate(model: Any, loader: Any, accelerator: Any, num_labels: int,
             else None, "count": count, "skipped": len(unreadable.seen)}
 
 
+MANIFEST = "recipe_checkpoint.json"  # the recipe's files of a checkpoint folder, written last
+# Knobs whose change on resume is reported (the AB schedule and the world size are the core's
+# to refuse: ab_accel.checkpoint); the others (output_dir, the resume flag itself) may differ.
+REPORTED_CHANGES = ("lr", "lr_start", "min_lr", "lr_warmup_epochs", "max_steps", "epochs",
+                    "batch_size", "gradient_accumulation_steps", "weight_decay", "betas",
+                    "max_grad_norm", "label_smoothing", "seed", "mixed_precision")
+
+
+def check_launch(environ: dict[str, str] | None = None) -> None:
+    """Refuse `accelerate launch --cpu --num_processes N` (N > 1): its simple launcher starts ONE
+    process, with MASTER_ADDR/MASTER_PORT set for the N wanted but no WORLD_SIZE (a real
+    multi-process launcher sets WORLD_SIZE, mpirun its own size variable)."""
+    env = os.environ if environ is None else environ
+    sizes = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    if "ACCELERATE_USE_CPU" in env and "MASTER_PORT" in env and not any(v in env for v in sizes):
+        raise ConfigError(
+            "accelerate launch --cpu with --num_processes > 1 starts ONE process (accelerate's "
+            "simple launcher), not the number asked for. For N CPU processes run `accelerate "
+            "launch --multi_gpu --num_processes N ...` (the recipe picks CPU and gloo itself, "
+            "knob cpu: auto), or `accelerate launch --config_file configs/accelerate_cpu.yaml`.")
+
+
 def checkpoint_dir(args: TrainArgs) -> str | None:
-    """--resume_from_checkpoint: a folder, or latest (the last step_N in output_dir)."""
+    """--resume_from_checkpoint: a folder, or latest (the newest COMPLETE step_N of output_dir:
+    ab_accel.latest_checkpoint; a folder is renamed into place only once it is whole)."""
+    from ab_accel import latest_checkpoint
+
     path, folder = args.resume_from_checkpoint, os.path.join(args.output_dir, "checkpoints")
     if path == "latest":
-        steps = sorted(int(d[5:]) for d in os.listdir(folder) if d.startswith("step_")) \
-            if os.path.isdir(folder) else []
-        if not steps:
-            raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {folder}.")
-        path = os.path.join(folder, f"step_{steps[-1]}")
+        path = latest_checkpoint(folder) if not args.no_ab else max(
+            (os.path.join(folder, d) for d in os.listdir(folder) if d.startswith("step_")
+             and d[5:].isdigit() and os.path.isfile(os.path.join(folder, d, MANIFEST))),
+            key=lambda d: int(d.rpartition("_")[2]), default=None) if os.path.isdir(folder) \
+            else None
+        if path is None:  # the first start of a run launched to restart itself (torchrun)
+            logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s yet: "
+                           "starting from step 0", folder)
+            return None
     if path and not os.path.isdir(path):
         raise ConfigError(f"--resume_from_checkpoint {path!r} does not exist.")
     return path
+
+
+def check_checkpoint(path: str) -> dict[str, Any]:
+    """The recipe's manifest of ``path``: every file accelerate wrote is there, of its recorded
+    size (the AB shards in ab_training/ have the core's own manifest and checksums, checked by
+    ``load_state`` on every rank before anything is loaded). Returns the saved run's knobs."""
+    import json
+
+    manifest = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest):
+        raise ConfigError(f"{path!r} is not a complete checkpoint of this recipe (no "
+                          f"{MANIFEST}): resume from another one, or --resume_from_checkpoint "
+                          f"latest.")
+    with open(manifest) as fh:
+        saved = json.load(fh)
+    for name, size in saved["files"].items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise ConfigError(f"checkpoint file {file!r} is missing; nothing was loaded.")
+        if os.path.getsize(file) != size:
+            raise ConfigError(f"checkpoint file {file!r} is {os.path.getsize(file)} bytes, the "
+                              f"manifest records {size}: it is truncated; nothing was loaded.")
+    return saved
+
+
+def save_checkpoint(accelerator: Any, args: TrainArgs, step: int) -> str:
+    """accelerator.save_state into ``checkpoints/step_N.tmp``, the recipe's manifest written
+    last, then renamed to ``step_N``: a folder named step_N is always whole."""
+    import dataclasses
+    import json
+    import shutil
+
+    final = os.path.join(args.output_dir, "checkpoints", f"step_{step}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)  # the AB shards inside: ab_training/ (the core's atomic writer)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = {os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
+                 for d, _, names in os.walk(tmp) for f in names
+                 if os.path.relpath(d, tmp).split(os.sep)[0] != "ab_training"}
+        with open(os.path.join(tmp, MANIFEST), "w") as fh:
+            json.dump({"step": step, "world_size": accelerator.num_processes, "files": files,
+                       "args": dataclasses.asdict(args)}, fh, indent=1, default=str)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def changed_knobs(saved: dict[str, Any], args: TrainArgs) -> list[str]:
+    """The knobs of REPORTED_CHANGES this run sets differently from the checkpoint's run."""
+    import dataclasses
+
+    now = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(args).items()}
+    return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in REPORTED_CHANGES
+            if k in saved and saved[k] != now[k]]
 
 
 def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
@@ -109,7 +198,9 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     args = parse_args(recipe, argv)
     if args.data_dir:
         data.check_data_dir(args.data_dir)
+    check_launch()
     resume_dir, from_scratch = checkpoint_dir(args), not args.model_name_or_path
+    saved = check_checkpoint(resume_dir) if resume_dir else None
     ab_config(args, launched_world_size(), from_scratch)  # groups that fit the launched world
     if from_scratch:
         modeling.check_model_keys(args.model_type, args.model)
@@ -171,12 +262,18 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
         ddp = report.DDPTraffic(model, world)  # what plain DP sends, counted by a comm hook
     record = report.RunLog(accelerator, lambda: (
         (ab_opt.traffic.wire_bytes, ab_opt.traffic.dp_equivalent_wire_bytes) if ab_opt
-        else (ddp.wire_bytes if ddp else 0.0, 0.0)))
+        else (ddp.wire_bytes if ddp else 0.0, 0.0)),
+        skipped=lambda: ab_opt.skipped_steps if ab_opt else 0)
     bad_train, bad_eval = data.UnreadableImages(train_ds), data.UnreadableImages(eval_ds)
     for obj in (scheduler, ddp, bad_train, record):  # saved by accelerator.save_state
         if obj is not None:
             accelerator.register_for_checkpointing(obj)
     if resume_dir:
+        changed = changed_knobs(saved["args"], args)
+        if changed:  # the LR scheduler's state (its peak and length) comes from the checkpoint
+            logger.warning("resuming with changed knobs: %s. The learning-rate schedule is the "
+                           "checkpoint's (restored with it): a new lr does not apply, and a "
+                           "new length runs the old cosine past its end.", "; ".join(changed))
         accelerator.load_state(resume_dir)  # ab_accel restores each rank's own group shard
         jsonl.restart_from = record.train + record.evals
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, record.step,
@@ -225,8 +322,7 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
                         progress.set_postfix(loss=f"{logged['loss']:.3f}", phase=logged["phase"])
                 if save:
                     record.elapsed, t0 = record.elapsed + time.time() - t0, time.time()
-                    accelerator.save_state(os.path.join(args.output_dir, "checkpoints",
-                                                        f"step_{record.step}"))
+                    save_checkpoint(accelerator, args, record.step)
                 if record.step >= total_steps:
                     break
             if record.batches_in_epoch >= len(train_dl):  # the epoch is complete

@@ -45,7 +45,8 @@ VIT_SCHEDULE = ["--ab_training.warmup_steps", "8", "--ab_training.sync_every", "
                 "--ab_training.rebound_steps", "3", "--ab_training.lr_rebound_steps", "2"]
 
 
-def launch(script: str, nproc: int, out: str, *args: str) -> subprocess.CompletedProcess:
+def launch(script: str, nproc: int, out: str, *args: str, check: bool = True
+           ) -> subprocess.CompletedProcess:
     """accelerate launch --multi_gpu --num_processes N (the recipe picks CPU/gloo itself)."""
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(nproc),
@@ -53,7 +54,7 @@ def launch(script: str, nproc: int, out: str, *args: str) -> subprocess.Complete
            "--main_process_port", str(free_port()), os.path.join(RECIPES, script),
            "--output_dir", out, *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, (proc.stdout[-3000:] + "\n" + proc.stderr[-8000:])
+    assert proc.returncode == 0 or not check, (proc.stdout[-3000:] + "\n" + proc.stderr[-8000:])
     return proc
 
 
@@ -188,6 +189,44 @@ def test_vit_4_processes_on_digits_crosses_every_phase(vit4):
     assert f"{100 * t['reduction_vs_dp']:.1f}% less" in proc.stdout
 
 
+def test_summary_names_the_factorization_at_the_end_of_the_run_and_counts_skipped_steps(vit4):
+    _, s, proc = vit4
+    # The last factorization runs at boundary 32 = the run's length: at its end, not "after
+    # the last step"; its numbers come from ABOptimizer.switches.
+    last = s["switches"][-1]
+    assert (last["event"], last["step"]) == ("factorize", s["steps"])
+    c = s["compression"]
+    assert "at the end of the run" in c["of"] and "after the last" not in proc.stdout
+    assert c["factorized_ratio"] == last["compression"]["factorized_ratio"]
+    assert s["skipped_steps"] == 0
+    assert all(r["skipped_steps"] == 0 for r in s["history"]["train"])
+
+
+def test_warmup_zero_summary_shows_the_factorization_at_step_0(tmp_path):
+    out = tmp_path / "w0"
+    proc = run_plain("vit.py", "--max_steps", "3", "--ab_training.warmup_steps", "0",
+                     "--ab_training.sync_every", "10", "--ab_training.rebound_steps", "2",
+                     "--ab_training.rank_fraction", "0.25", "--report_to", "none",
+                     "--save_model", "false", "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    s = summary_of(str(out))
+    first = s["switches"][0]
+    assert (first["event"], first["step"]) == ("factorize", 0)
+    assert "at step 0" in s["compression"]["of"] and s["compression"]["factorized_ratio"] > 2
+    assert s["layer_ranks_at_end"] == first["ranks"]
+
+
+def test_a_run_shorter_than_the_warm_up_says_it_never_reaches_an_ab_phase():
+    from ab_accel.schedule import ABSchedule
+
+    import report
+
+    schedule = ABSchedule(warmup_steps=44, sync_every=55, rebound_steps=11)
+    assert "never reaches an AB phase" in report.never_ab(schedule.describe(30))
+    assert "traffic reduction against DP will be ~0" in report.never_ab(schedule.describe(44))
+    assert report.never_ab(schedule.describe(45)) is None
+
+
 def test_merged_export_loads_in_plain_transformers_and_gives_the_ab_logits(vit4):
     from safetensors.torch import load_file
     from transformers import ViTForImageClassification
@@ -242,6 +281,58 @@ def test_resnet_resumed_mid_ab_phase_ends_with_the_same_weights(resnet2, tmp_pat
     assert r["bytes_per_step"] == s["bytes_per_step"]
 
 
+def test_checkpoint_folders_are_whole_and_latest_is_the_newest_complete_one(resnet2, tmp_path):
+    import shutil
+
+    out, _, _ = resnet2
+    folder = os.path.join(out, "checkpoints")
+    assert sorted(os.listdir(folder)) == ["step_18", "step_9"]  # no step_N.tmp left behind
+    manifest = train_image.check_checkpoint(os.path.join(folder, "step_18"))
+    assert "model.safetensors" in manifest["files"] and manifest["world_size"] == 2
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("model", "logs"))
+    shutil.copytree(copy / "checkpoints" / "step_18", copy / "checkpoints" / "step_27.tmp")
+    cfg = args.parse(resnet.RECIPE, ["--output_dir", str(copy), "--resume_from_checkpoint",
+                                     "latest"], world_size=2)
+    assert train_image.checkpoint_dir(cfg) == str(copy / "checkpoints" / "step_18")
+
+
+def test_a_truncated_checkpoint_file_stops_the_resume_naming_it(resnet2, tmp_path):
+    import shutil
+
+    out, _, run_args = resnet2
+    bad = tmp_path / "step_9"
+    shutil.copytree(os.path.join(out, "checkpoints", "step_9"), bad)
+    with open(bad / "model.safetensors", "r+b") as fh:  # accelerate's file: the recipe's manifest
+        fh.truncate(100)
+    proc = run_plain("resnet.py", "--resume_from_checkpoint", str(bad), *run_args,
+                     "--output_dir", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "traceback" not in proc.stderr.lower()
+    assert f"{bad / 'model.safetensors'!s}' is 100 bytes" in proc.stderr
+    assert "truncated" in proc.stderr and "resumed from" not in proc.stderr
+    shutil.copy(os.path.join(out, "checkpoints", "step_9", "model.safetensors"), bad)
+    shard = bad / "ab_training" / "ab_group1.pt"  # an AB shard: the core's manifest
+    with open(shard, "r+b") as fh:
+        fh.truncate(1000)
+    proc = run_plain("resnet.py", "--resume_from_checkpoint", str(bad), *run_args,
+                     "--output_dir", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "traceback" not in proc.stderr.lower(), proc.stderr[-3000:]
+    assert f"{shard!s}' is 1000 bytes" in proc.stderr and "resumed from" not in proc.stderr
+
+
+def test_resume_with_a_changed_schedule_is_refused_and_a_changed_lr_reported(resnet2, tmp_path):
+    out, _, run_args = resnet2
+    ckpt = os.path.join(out, "checkpoints", "step_9")
+    changed = [*run_args, "--ab_training.sync_every", "11", "--lr", "1e-3"]
+    proc = launch("resnet.py", 2, str(tmp_path / "changed"), "--resume_from_checkpoint", ckpt,
+                  *changed, check=False)
+    # each rank exits 2 with one line (the launcher's own traceback follows)
+    assert "exitcode  : 2" in proc.stderr and 'train_image.py", line' not in proc.stderr
+    assert "resuming with changed knobs: lr 0.003 -> 0.001" in proc.stderr
+    assert "different AB schedule (sync_every: 10 -> 11)" in proc.stderr
+    assert "accept_resume_changes" in proc.stderr and "resumed from" not in proc.stderr
+
+
 def test_jpeg_folder_through_imagefolder_skips_corrupt_files_with_a_warning(folder_runs,
                                                                             jpeg_tree):
     (out, s, proc), _ = folder_runs
@@ -285,6 +376,8 @@ def test_wrong_config_key_stops_before_training(tmp_path):
     assert not out.exists() and time.time() - start < 60  # nothing loaded, nothing written
     proc = run_plain("resnet.py", "--ab_training.sync_evry", "5")
     assert proc.returncode == 2 and "did you mean 'sync_every'" in proc.stderr
+    with pytest.raises(args.ConfigError, match='key "betas"'):  # one value for two
+        args.parse(vit.RECIPE, ["--betas", "0.9"], world_size=1)
     with pytest.raises(args.ConfigError, match="not a ViTConfig field. Did you mean "
                                                "'hidden_size'"):
         modeling.check_model_keys("vit", {"hiden_size": 8})
@@ -296,11 +389,36 @@ def test_missing_data_folder_stops_with_the_expected_layout(tmp_path):
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "<data_dir>/train/<class>" in proc.stderr
     (tmp_path / "tree" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "tree" / "train" / "a" / "0.png").write_bytes(b"")
     with pytest.raises(args.ConfigError, match="has no val/ folder"):
         data.check_data_dir(str(tmp_path / "tree"))
     (tmp_path / "tree" / "val").mkdir()
     with pytest.raises(args.ConfigError, match="holds no class folders"):
         data.check_data_dir(str(tmp_path / "tree"))
+    (tmp_path / "tree" / "val" / "a").mkdir()  # class folders, no images
+    with pytest.raises(args.ConfigError, match=r"class folders of .*val' \(a\) hold no image"):
+        data.check_data_dir(str(tmp_path / "tree"))
+    with pytest.raises(args.ConfigError, match=r"\(10 images\) is smaller than one per-process "
+                                               r"batch \(16\)"):
+        data.loaders(list(range(10)), list(range(4)), 16, 0, False)
+
+
+def test_accelerate_launch_cpu_with_4_processes_is_refused_with_how_to_get_four(tmp_path):
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    proc = subprocess.run(
+        [accelerate, "launch", "--cpu", "--num_processes", "4", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+         str(free_port()), os.path.join(RECIPES, "vit.py"), "--output_dir", str(tmp_path / "o")],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "starts ONE process" in proc.stderr
+    assert "--multi_gpu --num_processes N" in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_finetune_with_deepspeed_in_one_plain_process_names_the_launchers(tmp_path):
+    proc = run_plain("finetune.py", "--model_name_or_path", str(tmp_path), "--output_dir",
+                     str(tmp_path / "o"), "--deepspeed", "configs/ds_ab_zero0.json")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "needs a launcher" in proc.stderr and "deepspeed --num_gpus N" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- config layers

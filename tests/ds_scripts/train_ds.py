@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=-1)
     parser = deepspeed.add_config_arguments(parser)
     args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)  # before training: the results go there at the end
     torch.set_num_threads(1)
     rec = run_accelerate() if args.accelerate else run_deepspeed(args)
     rec["world"] = dist.get_world_size()
