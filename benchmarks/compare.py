@@ -334,6 +334,9 @@ def aggregate_seed(ranks: list[dict[str, Any]], method: str, seed_index: int, no
         "replica_spread": r0["replica_spread"],
         # ms per step by phase, the slowest rank's (a step ends when the slowest rank's does)
         "steps_by_phase": r0.get("steps_by_phase", {}),
+        "median_ms_per_step_by_phase": {
+            k: 1e3 * max(r["median_step_seconds_by_phase"][k] for r in recs)
+            for k in r0.get("median_step_seconds_by_phase", {})},
         "ms_per_step_by_phase": {
             k: 1e3 * max(r["step_seconds_by_phase"][k] for r in recs) / r0["steps_by_phase"][k]
             for k in r0.get("steps_by_phase", {})},
