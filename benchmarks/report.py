@@ -125,7 +125,8 @@ def _verdict(value: float | None, limit: float, fmt: str = ".2f", below: bool = 
         return "not measured"
     ok = value <= limit if below else value >= limit
     return (f"**met** ({value:{fmt}} vs {limit:{fmt}})" if ok else
-            f"**missed** by {abs(value - limit):{fmt}} ({value:{fmt}} vs {limit:{fmt}})")
+            f"**missed** by {format(abs(value - limit), fmt.lstrip('+'))} "
+            f"({value:{fmt}} vs {limit:{fmt}})")
 
 
 def dense_share(res: dict[str, Any], method: str) -> float | None:
@@ -163,8 +164,19 @@ def targets(runs: dict[str, dict[str, Any]]) -> str:
                 if ab not in c:
                     continue
                 r = c[ab].get("train_seconds_vs_local")
+                seed = net["methods"][ab]["seeds"][0]
+                steps = seed.get("steps_by_phase") or {}
+                n_dense = steps.get("warmup", 0) + steps.get("rebound", 0)
+                # a dense AB step sends what a DDP step (with the same wire dtype) sends
+                ref = "ddp-bf16" if ab.endswith("-bf16") and "ddp-bf16" in net["methods"] \
+                    else "ddp"
+                ddp_ms = 1e3 * net["methods"][ref]["summary"]["seconds_per_step"]["mean"]
+                why = (f"; its {n_dense} dense steps at {ref}'s {ddp_ms:.0f} ms/step on this link "
+                       f"alone take {n_dense * ddp_ms / 1e3:.1f} s of its "
+                       f"{seed['train_seconds']:.1f} s (local: "
+                       f"{net['methods']['local']['seeds'][0]['train_seconds']:.1f} s)")
                 rows.append(f"| {model} | 100 Mbit: {ab} whole run ≤ 1.3x local | "
-                            f"{_f(r, '.2f')}x | {_verdict(r, 1.3)} |")
+                            f"{_f(r, '.2f')}x{why} | {_verdict(r, 1.3)} |")
                 ab_t = [t for t in c[ab]["time_to_ddp_acc"] if t is not None]
                 ddp_t = [t for t in c["ddp"]["time_to_ddp_acc"] if t is not None]
                 ps_t = [t for t in c.get(PSGD, {}).get("time_to_ddp_acc", []) if t is not None]
