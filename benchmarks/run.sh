@@ -68,4 +68,7 @@ $PY benchmarks/projection.py --rank-fraction 0.1,0.2,0.3 \
 echo "== plots"
 $PY benchmarks/plot.py "$RESULTS/${PREFIX}"*_local.json "$RESULTS/${PREFIX}"*_netns.json
 
+echo "== BENCHMARKS.md's generated tables and targets"
+$PY benchmarks/report.py --prefix "$PREFIX"
+
 echo "== done in $((SECONDS - start)) s; load after: $(cut -d' ' -f1-3 /proc/loadavg)"
