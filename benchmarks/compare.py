@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.meters import predicted_link_bytes  # noqa: E402
-from benchmarks.methods import AB_PREFIX, Knobs, check_method  # noqa: E402
+from benchmarks.methods import AB_PREFIX, LOCAL, Knobs, check_method  # noqa: E402
 from benchmarks.workloads import MODELS  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,8 +52,8 @@ NETNS = os.path.join(HERE, "netns.sh")
 NODES = (("ab-node0", "abveth0", "10.200.0.1"), ("ab-node1", "abveth1", "10.200.0.2"))
 #: Ethernet (14) + IPv4 (20) + TCP with timestamps (32) header bytes per frame.
 TCP_FRAME_OVERHEAD = 66
-DEFAULT_METHODS = ("ddp,ab-with-stale,ab-only-learned,ab-only-b,powersgd-r2,powersgd-r8,"
-                   "localsgd")
+DEFAULT_METHODS = ("local,ddp,ddp-bf16,ab-with-stale,ab-with-stale-bf16,ab-only-learned,ab-only-b,"
+                   "powersgd-r2,powersgd-r8,localsgd,diloco")
 
 
 # ---------------------------------------------------------------------------- settings
@@ -88,8 +88,11 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
                         "with --print_config")
     g = p.add_argument_group("run")
     g.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma-separated: ddp, ab-with-stale, ab-only-learned, ab-only-b, "
-                        "ab-full, powersgd-r<rank>, localsgd[-h<period>]")
+                   help="comma-separated: local (the zero-communication clock, not a "
+                        "training method), ddp, ddp-fp16, ddp-bf16, ab-with-stale, "
+                        "ab-only-learned, ab-only-b, ab-full (each with an optional -bf16 or "
+                        "-fp16: the low-precision wire), powersgd-r<rank>, "
+                        "localsgd[-h<period>], diloco[-h<period>]")
     g.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     g.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
     g.add_argument("--nproc", type=int, default=4, help="ranks (processes) in the world")
@@ -133,6 +136,12 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
                    help="PeriodicModelAverager period H for 'localsgd'")
     g.add_argument("--localsgd-subgroup-size", type=int, default=2,
                    help="ranks per post-local SGD subgroup (one node in --netns mode)")
+    g = p.add_argument_group("DiLoCo (arXiv 2311.08105)")
+    g.add_argument("--diloco-period", type=int, default=16,
+                   help="H: inner AdamW steps per rank between outer steps")
+    g.add_argument("--diloco-outer-lr", type=float, default=0.7, help="outer Nesterov lr")
+    g.add_argument("--diloco-outer-momentum", type=float, default=0.9,
+                   help="outer Nesterov momentum")
     g = p.add_argument_group("rate-limited link")
     g.add_argument("--netns", action="store_true",
                    help="two network namespaces joined by a tbf-limited veth (needs root)")
@@ -154,10 +163,11 @@ def finish_args(args: Namespace, parser: ArgumentParser) -> Namespace:
         parser.error("--steps must be at least 4")
     if args.netns and args.nproc % 2:
         parser.error("--netns splits the ranks over two nodes: --nproc must be even")
-    sched = ab_schedule_for(args.steps)
-    for key, value in sched.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    keys = ("ab_warmup", "ab_sync_every", "ab_rebound", "ab_lr_rebound")
+    if any(getattr(args, key) is None for key in keys):
+        for key, value in ab_schedule_for(args.steps).items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     if args.eval_every is None:
         args.eval_every = max(1, args.steps // 30)
     if args.lr_warmup is None:
@@ -184,7 +194,9 @@ def make_knobs(args: Namespace) -> Knobs:
                  rank_cutoff=args.rank_cutoff, ab_group_size=args.ab_group_size,
                  orthogonal_init=args.orthogonal_init, powersgd_start=args.powersgd_start,
                  localsgd_start=args.localsgd_start, localsgd_period=args.localsgd_period,
-                 localsgd_subgroup_size=args.localsgd_subgroup_size)
+                 localsgd_subgroup_size=args.localsgd_subgroup_size,
+                 diloco_period=args.diloco_period, diloco_outer_lr=args.diloco_outer_lr,
+                 diloco_outer_momentum=args.diloco_outer_momentum)
 
 
 # ---------------------------------------------------------------------------- launching
@@ -320,6 +332,14 @@ def aggregate_seed(ranks: list[dict[str, Any]], method: str, seed_index: int, no
             k: max(r["peak_state_bytes_by_phase"].get(k, 0) for r in recs)
             for k in r0["peak_state_bytes_by_phase"]},
         "replica_spread": r0["replica_spread"],
+        # ms per step by phase, the slowest rank's (a step ends when the slowest rank's does)
+        "steps_by_phase": r0.get("steps_by_phase", {}),
+        "median_ms_per_step_by_phase": {
+            k: 1e3 * max(r["median_step_seconds_by_phase"][k] for r in recs)
+            for k in r0.get("median_step_seconds_by_phase", {})},
+        "ms_per_step_by_phase": {
+            k: 1e3 * max(r["step_seconds_by_phase"][k] for r in recs) / r0["steps_by_phase"][k]
+            for k in r0.get("steps_by_phase", {})},
         "curve": curve,
         "collectives_rank0": r0["collectives"],
     }
@@ -365,6 +385,20 @@ def rank_fraction(factorizations: list[dict[str, Any]]) -> float | None:
     return statistics.fmean(fracs) if fracs else None
 
 
+def dense_ms_per_step(seed: dict[str, Any]) -> float | None:
+    """Mean ms of the dense steps: DDP-like methods' every step ("dp"), AB's warm-up and
+    rebound steps (its full-traffic steps, the ones the overlap target compares with DDP's)."""
+    by = seed.get("ms_per_step_by_phase") or {}
+    steps = seed.get("steps_by_phase") or {}
+    dense = [k for k in by if k in ("dp", "warmup", "rebound")]
+    if not dense:
+        return None
+    if not steps:
+        return statistics.fmean(by[k] for k in dense)
+    n = sum(steps[k] for k in dense)
+    return sum(by[k] * steps[k] for k in dense) / n
+
+
 def time_to_accuracy(curve: list[dict[str, Any]], target: float) -> float | None:
     """Training seconds at the first evaluation whose accuracy reaches ``target``."""
     for pt in curve:
@@ -382,6 +416,7 @@ def summarize(method: str, seeds: list[dict[str, Any]]) -> dict[str, Any]:
         "train_seconds": _stats([x["train_seconds"] for x in seeds]),
         "seconds_per_step": _stats([x["seconds_per_step"] for x in seeds]),
         "peak_state_bytes": _stats([x["peak_state_bytes"] for x in seeds]),
+        "dense_ms_per_step": _stats([dense_ms_per_step(x) for x in seeds]),
     }
     if method.startswith(AB_PREFIX):
         s["svd_seconds"] = _stats([x["svd_seconds"] for x in seeds])
@@ -414,6 +449,7 @@ def compare_to_ddp(methods: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"ddp_final_acc_mean": target}
     ddp_ttas = [time_to_accuracy(x["curve"], target) for x in ddp["seeds"]]
     ddp_tta = _stats(ddp_ttas)
+    local = methods.get(LOCAL, {}).get("summary")
     for name, m in methods.items():
         s = m["summary"]
         row: dict[str, Any] = {
@@ -423,6 +459,14 @@ def compare_to_ddp(methods: dict[str, Any]) -> dict[str, Any]:
             "train_seconds_vs_ddp": (s["train_seconds"]["mean"]
                                      / ddp["summary"]["train_seconds"]["mean"]),
         }
+        if local:
+            # compute = the local clock's step (same model, data and optimizer, no
+            # collective); exposed communication = what this method's step takes beyond it
+            step = s["seconds_per_step"]["mean"]
+            row["compute_ms_per_step"] = 1e3 * local["seconds_per_step"]["mean"]
+            row["exposed_comm_ms_per_step"] = 1e3 * step - row["compute_ms_per_step"]
+            row["train_seconds_vs_local"] = (s["train_seconds"]["mean"]
+                                             / local["train_seconds"]["mean"])
         row["meets_bytes_target"] = bool(row["wire_bytes_vs_ddp"] is not None
                                          and row["wire_bytes_vs_ddp"] <= 0.25)
         row["meets_accuracy_target"] = bool(row["acc_minus_ddp"] >= -0.5)

@@ -70,6 +70,22 @@ class CollectiveCounter:
             original = getattr(dist, name)
             self._originals[name] = original
             setattr(dist, name, self._wrap(original, op))
+
+        # DDP broadcasts its module buffers (BatchNorm statistics) from rank 0 before every
+        # forward through this private C++ binding, not through dist.broadcast.
+        if "_broadcast_coalesced" not in self._originals and hasattr(dist, "_broadcast_coalesced"):
+            original = dist._broadcast_coalesced
+            self._originals["_broadcast_coalesced"] = original
+
+            @functools.wraps(original)
+            def counted(group: Any, tensors: list[torch.Tensor], *args: Any, **kwargs: Any
+                        ) -> Any:
+                if self.active:
+                    self.record("broadcast", sum(t.numel() * t.element_size() for t in tensors),
+                                group_ranks(group))
+                return original(group, tensors, *args, **kwargs)
+
+            dist._broadcast_coalesced = counted
         return self
 
     def uninstall(self) -> None:

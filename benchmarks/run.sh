@@ -3,13 +3,13 @@
 # `bash benchmarks/run.sh quick` (under 10 minutes on a 2-core machine). Extra arguments are
 # passed to every compare.py call (e.g. --model cnn).
 #
-#   full:  every method x 3 seeds x 600 steps, on one machine and on a 100 Mbit/s link between
-#          two network namespaces; projection at 2..64 nodes; plots and tables.
-#   quick: DDP, AB with-stale, PowerSGD rank 2 and post-local SGD, 1 seed x 200 steps, on one
-#          machine; DDP and AB with-stale on the limited link; projection; plots.
+#   full:  every method x 3 seeds x 300 steps, for each model (mlp; the recipes' vit and resnet),
+#          on one machine and on a 100 Mbit/s link between two network namespaces; projection
+#          at 2..64 nodes; plots and tables; BENCHMARKS.md's generated tables.
+#   quick: the same methods and models, 1 seed x 150 steps.
 #
-# Results: benchmarks/results/{,quick_}{local,netns,projection}.json, *_acc_vs_*.png,
-# *_table.md. The rate-limited part needs root and iproute2; without them it is skipped with a
+# Results: benchmarks/results/{,quick_}<model>_{local,netns}.json, {,quick_}projection.json,
+# *_acc_vs_*.png, *_table.md. The rate-limited part needs root and iproute2; without them it is skipped with a
 # message (the JSON says why). The namespaces are removed on exit, whatever happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,20 +25,21 @@ trap cleanup EXIT INT TERM
 
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
+# `local` is the zero-communication clock (not a training method): every method's exposed
+# communication is its step time minus local's, measured in the same world.
+METHODS=local,ddp,ddp-bf16,ab-with-stale,ab-with-stale-bf16,powersgd-r2,diloco
+# the recipes' shapes: configs/vit_digits.yaml (hidden 64, 4 blocks), configs/resnet_digits.yaml
+MODELS=("mlp" "vit --width 64 --depth 4" "resnet --channels 16")
 case "$MODE" in
     full)
         PREFIX=""
-        LOCAL_ARGS=(--seeds 0,1,2 --steps 600)
-        NETNS_ARGS=(--seeds 0,1,2 --steps 600 --rate 100mbit)
-        NETNS_METHODS=ddp,ab-with-stale,ab-only-learned,ab-only-b,powersgd-r2,powersgd-r8,localsgd
-        LOCAL_METHODS=$NETNS_METHODS
+        LOCAL_ARGS=(--seeds 0,1,2 --steps 300 --one-world)
+        NETNS_ARGS=(--seeds 0,1,2 --steps 300 --rate 100mbit --one-world)
         ;;
     quick)
         PREFIX="quick_"
-        LOCAL_ARGS=(--seeds 0 --steps 200 --one-world)
-        NETNS_ARGS=(--seeds 0 --steps 200 --rate 100mbit --one-world)
-        LOCAL_METHODS=ddp,ab-with-stale,powersgd-r2,localsgd
-        NETNS_METHODS=ddp,ab-with-stale
+        LOCAL_ARGS=(--seeds 0 --steps 150 --one-world)
+        NETNS_ARGS=(--seeds 0 --steps 150 --rate 100mbit --one-world)
         ;;
     *)
         echo "usage: $0 full|quick [extra compare.py arguments]" >&2
@@ -49,19 +50,25 @@ esac
 echo "== machine: $(nproc) cores; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 start=$SECONDS
 
-echo "== one machine (gloo over loopback)"
-$PY benchmarks/compare.py --methods "$LOCAL_METHODS" "${LOCAL_ARGS[@]}" \
-    --out "$RESULTS/${PREFIX}local.json" "$@"
-
-echo "== rate-limited link between two network namespaces"
-$PY benchmarks/compare.py --netns --methods "$NETNS_METHODS" "${NETNS_ARGS[@]}" \
-    --out "$RESULTS/${PREFIX}netns.json" "$@"
+for spec in "${MODELS[@]}"; do
+    read -r model margs <<<"$spec"
+    # shellcheck disable=SC2086  # margs is a list of flags
+    echo "== $model, one machine (gloo over loopback); load $(cut -d' ' -f1-3 /proc/loadavg)"
+    $PY benchmarks/compare.py --model $model $margs --methods "$METHODS" "${LOCAL_ARGS[@]}" \
+        --out "$RESULTS/${PREFIX}${model}_local.json" "$@"
+    echo "== $model, rate-limited link between two network namespaces"
+    $PY benchmarks/compare.py --model $model $margs --netns --methods "$METHODS" \
+        "${NETNS_ARGS[@]}" --out "$RESULTS/${PREFIX}${model}_netns.json" "$@"
+done
 
 echo "== projection to the paper's ImageNet schedules"
 $PY benchmarks/projection.py --rank-fraction 0.1,0.2,0.3 \
-    --from-results "$RESULTS/${PREFIX}local.json" --out "$RESULTS/${PREFIX}projection.json"
+    --from-results "$RESULTS/${PREFIX}mlp_local.json" --out "$RESULTS/${PREFIX}projection.json"
 
 echo "== plots"
-$PY benchmarks/plot.py "$RESULTS/${PREFIX}local.json" "$RESULTS/${PREFIX}netns.json"
+$PY benchmarks/plot.py "$RESULTS/${PREFIX}"*_local.json "$RESULTS/${PREFIX}"*_netns.json
+
+echo "== BENCHMARKS.md's generated tables and targets"
+$PY benchmarks/report.py --prefix "$PREFIX"
 
 echo "== done in $((SECONDS - start)) s; load after: $(cut -d' ' -f1-3 /proc/loadavg)"

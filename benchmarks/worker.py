@@ -19,6 +19,7 @@ import faulthandler
 import json
 import os
 import signal
+import statistics
 import time
 import traceback
 from typing import Any
@@ -86,11 +87,21 @@ def train_one(rank: int, local_rank: int, spec: dict[str, Any], method_name: str
     curve: list[dict[str, Any]] = []
     train_seconds = 0.0
     seg_start = time.perf_counter()
+    phase_seconds: dict[str, float] = {}
+    phase_steps: dict[str, int] = {}
+    phase_times: dict[str, list[float]] = {}
     for step in range(knobs.steps):
+        # the phase this step trains in (AB's schedule; "dp" for every other method)
+        phase = method.ab.phase if method.ab is not None else "dp"
+        t_step = time.perf_counter()
         x, y = batches.batch(step)
         loss = loss_fn(method.forward_model(x), y)
         loss.backward()
         method.step()
+        took = time.perf_counter() - t_step
+        phase_seconds[phase] = phase_seconds.get(phase, 0.0) + took
+        phase_times.setdefault(phase, []).append(took)
+        phase_steps[phase] = phase_steps.get(phase, 0) + 1
         last = step + 1 == knobs.steps
         if last:
             method.finish()
@@ -126,7 +137,12 @@ def train_one(rank: int, local_rank: int, spec: dict[str, Any], method_name: str
         "intercepted_bytes": counter.bytes, "intercepted_wire_bytes": counter.wire_bytes,
         "peak_state_bytes": method.peak_state_bytes,
         "peak_state_bytes_by_phase": method.peak_state_bytes_by_phase, "link": link,
-        "replica_spread": spread,
+        "replica_spread": spread, "step_seconds_by_phase": phase_seconds,
+        "steps_by_phase": phase_steps,
+        # the median step of each phase: robust to the few steps that carry a switch (SVDs,
+        # syncs) and to the neighbours' load spikes
+        "median_step_seconds_by_phase": {k: statistics.median(v)
+                                         for k, v in phase_times.items()},
     }
     if method.bucket_count is not None:
         out["dp_equivalent_bytes"] = method.bucket_count.bytes

@@ -10,12 +10,19 @@ Models (built after ``torch.manual_seed(seed)``, so every method starts from the
 
 * ``mlp``: 64 -> width -> ... -> width -> 10, ``depth`` hidden layers, ReLU;
 * ``cnn``: three 3x3 convs (c, 2c, 4c channels, two max-pools) and a width-wide hidden layer;
-* ``vit``: a tiny transformers ``ViTForImageClassification`` (8x8 images, 2x2 patches), built
-  from a config, offline.
+* ``vit``: transformers' ViT for image classification, built as the recipes build it
+  (``AutoConfig.for_model("vit", ...)`` + ``AutoModelForImageClassification.from_config``, as
+  recipes/modeling.py does; configs/vit_digits.yaml's shape is ``--width 64 --depth 4``): 8x8
+  one-channel images, 2x2 patches, ``depth`` blocks of ``width``, 4 heads, MLP 2 x width;
+* ``resnet``: transformers' ResNet built the same way, configs/resnet_digits.yaml's shape
+  (basic blocks, one per stage, stages ``channels`` x 1, 2, 4, 8) on the native 8x8 images:
+  the recipes' convolutional family, with BatchNorm (running statistics are buffers).
 
-None of them has buffers (no BatchNorm): DDP then communicates gradients only, through its comm
-hook, so the hook's byte count is all that DDP sends. AB-training's default layer choice applies:
-the first and the last factorizable layer stay dense.
+The mlp, cnn and vit have no buffers: DDP then communicates gradients only, through its comm
+hook. The resnet's BatchNorm buffers are broadcast from rank 0 by DDP before every forward
+(counted by the meters' intercept of ``_broadcast_coalesced``) and averaged with the gradients by
+the ABOptimizer. AB-training's default layer choice applies: the first and the last
+factorizable layer stay dense.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-MODELS = ("mlp", "cnn", "vit")
+MODELS = ("mlp", "cnn", "vit", "resnet")
 NUM_CLASSES = 10
 SPLIT_SEED = 0
 
@@ -116,22 +123,21 @@ class CNN(nn.Module):
         return self.head(self.features(x))
 
 
-class TinyViT(nn.Module):
-    """transformers' ViTForImageClassification on 8x8 one-channel images; returns logits."""
+class HFImageClassifier(nn.Module):
+    """A transformers image classifier built from its config, as recipes/modeling.py builds it
+    (``AutoConfig.for_model(model_type, **fields)`` + ``AutoModelForImageClassification
+    .from_config``); ``forward`` returns the logits."""
 
-    def __init__(self, width: int, depth: int) -> None:
+    def __init__(self, model_type: str, **fields: object) -> None:
         super().__init__()
-        from transformers import ViTConfig, ViTForImageClassification
+        from transformers import AutoConfig, AutoModelForImageClassification
 
-        heads = 4 if width % 4 == 0 else 1
-        config = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=width,
-                           num_hidden_layers=depth, num_attention_heads=heads,
-                           intermediate_size=2 * width, num_labels=NUM_CLASSES,
-                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        self.vit = ViTForImageClassification(config)
+        config = AutoConfig.for_model(model_type, num_channels=1, num_labels=NUM_CLASSES,
+                                      **fields)
+        self.model = AutoModelForImageClassification.from_config(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vit(pixel_values=x).logits
+        return self.model(pixel_values=x).logits
 
 
 def build_model(name: str, width: int, depth: int, channels: int, seed: int) -> nn.Module:
@@ -142,7 +148,15 @@ def build_model(name: str, width: int, depth: int, channels: int, seed: int) -> 
     if name == "cnn":
         return CNN(channels, width)
     if name == "vit":
-        return TinyViT(width, depth)
+        return HFImageClassifier("vit", image_size=8, patch_size=2, hidden_size=width,
+                                 num_hidden_layers=depth,
+                                 num_attention_heads=4 if width % 4 == 0 else 1,
+                                 intermediate_size=2 * width, hidden_dropout_prob=0.0,
+                                 attention_probs_dropout_prob=0.0)
+    if name == "resnet":
+        c = channels
+        return HFImageClassifier("resnet", embedding_size=c, hidden_sizes=[c, 2 * c, 4 * c, 8 * c],
+                                 depths=[1, 1, 1, 1], layer_type="basic")
     raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {name!r}")
 
 

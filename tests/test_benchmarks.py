@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from torch import nn
@@ -27,13 +28,15 @@ from benchmarks.workloads import build_model  # noqa: E402
 
 STEPS, W0, T, F = 21, 2, 10, 2  # warm-up 0-1, AB 2-9, rebound 10-11, AB 12-19, rebound 20
 WIDTH, DEPTH, WORLD = 64, 4, 4
+METHODS = ("local", "ddp", "ddp-bf16", "ab-with-stale", "ab-with-stale-bf16", "powersgd-r2",
+           "diloco-h4")
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "compare.py"),
-           "--methods", "ddp,ab-with-stale,powersgd-r2", "--seeds", "0",
+           "--methods", ",".join(METHODS), "--seeds", "0",
            "--steps", str(STEPS), "--nproc", str(WORLD), "--width", str(WIDTH),
            "--depth", str(DEPTH), "--batch-size", "8", "--eval-every", "6", "--one-world",
            "--ab-warmup", str(W0), "--ab-sync-every", str(T), "--ab-rebound", str(F),
@@ -52,7 +55,7 @@ def _param_bytes(model: nn.Module) -> int:
 def test_compare_writes_results_with_exact_byte_counts(tiny_run: dict) -> None:
     res = tiny_run
     assert res["mode"] == "local"
-    assert set(res["methods"]) == {"ddp", "ab-with-stale", "powersgd-r2"}
+    assert set(res["methods"]) == set(METHODS)
     assert res["settings"]["steps"] == STEPS and res["settings"]["nproc"] == WORLD
     model = build_model("mlp", WIDTH, DEPTH, 16, 0)
     grad_bytes = _param_bytes(model)  # no buffers: DDP's buckets hold exactly the gradients
@@ -63,7 +66,8 @@ def test_compare_writes_results_with_exact_byte_counts(tiny_run: dict) -> None:
         assert seed["train_seconds"] > 0 and m["max_rss_mb"] > 0
         assert [p["step"] for p in seed["curve"]] == [6, 12, 18, 21]
         assert seed["curve"][-1]["wire_bytes"] == pytest.approx(seed["wire_bytes"])
-        assert seed["replica_spread"] == 0.0, f"{name}: ranks ended with different models"
+        if name != "local":  # the clock trains every rank alone: its replicas differ
+            assert seed["replica_spread"] == 0.0, f"{name}: ranks ended with different models"
         assert len(seed["bytes_per_rank"]) == WORLD
         assert m["summary"]["final_acc"]["n"] == 1
 
@@ -197,3 +201,73 @@ def test_bad_method_is_refused_before_any_process_starts() -> None:
     assert proc.returncode == 2
     assert "powersgd-r<rank>" in proc.stderr
 
+
+
+def test_local_clock_sends_nothing(tiny_run: dict) -> None:
+    local = tiny_run["methods"]["local"]["seeds"][0]
+    assert local["bytes_per_rank"] == [0] * WORLD and local["wire_bytes"] == 0
+    assert local["collectives_rank0"] == []
+    assert local["replica_spread"] > 0  # every rank trained alone: not a training method
+    comp = tiny_run["comparison"]
+    assert comp["ddp"]["compute_ms_per_step"] == pytest.approx(
+        1e3 * tiny_run["methods"]["local"]["summary"]["seconds_per_step"]["mean"])
+
+
+def test_ddp_compress_hook_halves_ddp_bytes(tiny_run: dict) -> None:
+    ddp = tiny_run["methods"]["ddp"]["seeds"][0]
+    bf16 = tiny_run["methods"]["ddp-bf16"]["seeds"][0]
+    assert bf16["bytes_per_rank"] == [b // 2 for b in ddp["bytes_per_rank"]]
+    assert bf16["dp_equivalent_bytes"] == ddp["dp_equivalent_bytes"]
+
+
+def test_ab_bf16_wire_halves_the_gradient_bytes(tiny_run: dict) -> None:
+    fp32 = tiny_run["methods"]["ab-with-stale"]["seeds"][0]["ab_traffic_per_rank"][0]
+    bf16 = tiny_run["methods"]["ab-with-stale-bf16"]["seeds"][0]["ab_traffic_per_rank"][0]
+    assert bf16["steps_by_phase"] == fp32["steps_by_phase"]
+    for phase in ("warmup", "ab", "rebound", "sync"):
+        full, half = fp32["bytes_by_phase"][phase], bf16["bytes_by_phase"][phase]
+        # gradients and sync payloads halve; the int "used" flags per step stay as they are
+        assert full / 2 <= half <= full / 2 + 0.01 * full, phase
+
+
+def test_diloco_sends_full_weights_every_h_steps(tiny_run: dict) -> None:
+    """Warm-up W0 steps of averaged gradients, then one all-reduce of every parameter per
+    H = 4 inner steps, and one more at the end for the steps not yet averaged."""
+    seed = tiny_run["methods"]["diloco-h4"]["seeds"][0]
+    grad_bytes = _param_bytes(build_model("mlp", WIDTH, DEPTH, 16, 0))
+    outer_steps = -(-(STEPS - W0) // 4)
+    assert seed["bytes_per_rank"] == [(W0 + outer_steps) * grad_bytes] * WORLD
+    assert seed["replica_spread"] == 0.0
+
+
+def test_diloco_outer_step_is_nesterov_on_the_averaged_pseudo_gradient(
+        tmp_path: Path) -> None:
+    """Two outer steps on a one-parameter model, by hand: delta = outer - inner,
+    v = 0.9 v + delta, outer -= 0.7 (delta + 0.9 v) (torch's SGD with nesterov=True)."""
+    import torch
+    import torch.distributed as dist
+
+    from benchmarks.methods import DiLoCo
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        model = nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            model.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        algo = DiLoCo(model, warmup_steps=0, period=2, outer_lr=0.7, outer_momentum=0.9)
+        outer = torch.tensor([[1.0, 2.0]])
+        v = torch.zeros(1, 2)
+        for inner in (torch.tensor([[0.5, 1.0]]), torch.tensor([[0.0, 3.0]])):
+            with torch.no_grad():
+                model.weight.copy_(inner)
+            algo.after_inner_step()  # step 1 of 2: no outer step yet
+            assert torch.equal(model.weight.detach(), inner)
+            algo.after_inner_step()  # step 2: the outer step
+            delta = outer - inner
+            v = 0.9 * v + delta
+            outer = outer - 0.7 * (delta + 0.9 * v)
+            assert torch.allclose(model.weight.detach(), outer, atol=1e-6)
+        assert algo.outer_steps == 2
+    finally:
+        dist.destroy_process_group()
