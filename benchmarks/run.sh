@@ -8,6 +8,10 @@
 #   quick: DDP, AB with-stale, PowerSGD rank 2 and post-local SGD, 1 seed x 200 steps, on one
 #          machine; DDP and AB with-stale on the limited link; projection; plots.
 #
+#   fine-tuning (benchmarks/finetune.py): full fine-tuning, AB (paper defaults and the
+#          fine-tuning options), LoRA and GaLore on a pretrained byte-level LM; full: 3 seeds,
+#          quick: --quick (1 seed, a smaller model, a few minutes).
+#
 # Results: benchmarks/results/{,quick_}{local,netns,projection}.json, *_acc_vs_*.png,
 # *_table.md. The rate-limited part needs root and iproute2; without them it is skipped with a
 # message (the JSON says why). The namespaces are removed on exit, whatever happens.
@@ -63,5 +67,9 @@ $PY benchmarks/projection.py --rank-fraction 0.1,0.2,0.3 \
 
 echo "== plots"
 $PY benchmarks/plot.py "$RESULTS/${PREFIX}local.json" "$RESULTS/${PREFIX}netns.json"
+
+echo "== fine-tuning: AB vs full fine-tuning, LoRA and GaLore (load $(cut -d' ' -f1-3 /proc/loadavg))"
+if [ "$MODE" = full ]; then FINETUNE_ARGS=(); else FINETUNE_ARGS=(--quick); fi
+$PY benchmarks/finetune.py "${FINETUNE_ARGS[@]}"
 
 echo "== done in $((SECONDS - start)) s; load after: $(cut -d' ' -f1-3 /proc/loadavg)"
