@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 import socket
@@ -130,7 +131,7 @@ class Settings:
     intermediate_size: int = knob(512, "MLP width.")
     num_layers: int = knob(4, "Decoder layers.")
     num_heads: int = knob(4, "Attention heads.")
-    pretrain_steps: int = knob(1500, "Pretraining optimizer steps (one process).")
+    pretrain_steps: int = knob(800, "Pretraining optimizer steps (one process).")
     pretrain_batch_size: int = knob(8, "Pretraining windows per step.")
     pretrain_lr: float = knob(2e-3, "Pretraining peak LR (AdamW, cosine).")
     pretrain_threads: int = knob(1, "torch threads of the pretraining process (2 threads "
@@ -490,6 +491,43 @@ def markdown_table(res: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def markdown_run(res: dict[str, Any]) -> str:
+    """The paragraphs on the run itself (data, model, knobs, machine load), from a results
+    file: BENCHMARKS.md shows them above the table."""
+    st, pre, fc = res["settings"], res["pretrained"], res["finetune_corpus"]
+    mb, ma = res["machine_before"], res.get("machine_after", {})
+    loads = [m["loadavg_before"][0] for m in res["methods"].values()] + [
+        m["loadavg_after"][0] for m in res["methods"].values()]
+    per_seed = "; ".join(
+        f"{name} " + " / ".join(f"{r['eval_loss']:.3f}" for r in m["seeds"])
+        for name, m in res["methods"].items())
+    return (
+        f"**The run.** A byte-level Llama ({pre['parameters'] / 1e6:.2f}M parameters: "
+        f"{st['num_layers']} layers, width {st['hidden_size']}, MLP {st['intermediate_size']}, "
+        f"{st['num_heads']} heads, vocabulary 256 bytes, context {st['seq_len']}) pretrained "
+        f"here for {pre['steps']} steps of {pre['batch_size']} windows on {pre['files']} "
+        f"standard-library modules ({pre['bytes'] / MB:.1f} MB, tests excluded; train loss "
+        f"{pre['train_loss_first']:.2f} -> {pre['train_loss_last']:.2f}, {pre['seconds']:.0f} s), "
+        f"then fine-tuned on the standard library's `test/` package: {fc['train_files']} files "
+        f"({fc['train_bytes'] / MB:.1f} MB) to train on, {fc['heldout_files']} held out "
+        f"({fc['heldout_bytes'] / MB:.1f} MB; {st['eval_windows']} windows of it are the "
+        f"held-out set). The pretrained model's held-out loss before fine-tuning: "
+        f"{pre['finetune_heldout_loss_before']:.3f} nats per byte. Fine-tuning: "
+        f"{st['nproc']} gloo processes, {st['batch_size']} windows per rank, {st['steps']} "
+        f"optimizer steps, AdamW, peak LR {st['lr']:g} (LoRA {st['lora_lr']:g}) with "
+        f"{res['settings']['lr_warmup_ratio']:.0%} linear warm-up and cosine decay, clip "
+        f"{st['max_grad_norm']:g}, weight decay {st['weight_decay']:g}; seeds "
+        f"{', '.join(map(str, st['seeds']))} (same data order and LoRA init for every method "
+        f"of a seed).\n\n"
+        f"**The machine.** {mb.get('cpus')} cores ({mb.get('cpu', '?')}), Python "
+        f"{mb.get('python')}, torch {mb.get('torch')}; shared with other engineers' tests: "
+        f"load average {mb['loadavg'][0]:.1f} at the start, {ma.get('loadavg', [math.nan])[0]:.1f} "
+        f"at the end, between {min(loads):.1f} and {max(loads):.1f} at the start and end of the "
+        f"methods' worlds (each method's `loadavg_before` / `loadavg_after` in the JSON). Steps "
+        f"per second and RSS are those of that loaded machine.\n\n"
+        f"Held-out loss per seed: {per_seed}.\n")
+
+
 def _ranks_kept(seeds: list[dict[str, Any]]) -> str | None:
     """The AB ranks of each factorization (seed 0): 'r0→r1→...' of the mean rank fraction."""
     facts = seeds[0].get("factorizations")
@@ -541,7 +579,7 @@ def plot(res: dict[str, Any], path: str) -> str:
 def write_report(res: dict[str, Any], out: str) -> list[str]:
     stem = os.path.splitext(out)[0]
     table = stem + "_table.md"
-    Path(table).write_text(markdown_table(res))
+    Path(table).write_text(markdown_run(res) + "\n" + markdown_table(res))
     return [table, plot(res, stem + ".png")]
 
 

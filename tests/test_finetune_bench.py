@@ -29,6 +29,7 @@ from benchmarks.finetune import (  # noqa: E402
     Settings,
     corpus_files,
     finetune_datasets,
+    markdown_run,
     markdown_table,
     parse,
     split_finetune_files,
@@ -110,7 +111,7 @@ def test_quick_run_trains_every_method(quick: dict) -> None:
             assert m["summary"][key]["n"] == 1, (name, key)
     assert (Path(res["settings"]["out"]).with_name("finetune_quick.png")).is_file()
     table = Path(res["settings"]["out"]).with_name("finetune_quick_table.md").read_text()
-    assert table == markdown_table(res)
+    assert table == markdown_run(res) + "\n" + markdown_table(res)
 
 
 def test_quick_run_counts_bytes_and_memory_exactly(quick: dict) -> None:
@@ -162,7 +163,8 @@ def test_benchmarks_md_table_is_the_generated_one() -> None:
     if not path.exists():
         pytest.skip("no full fine-tuning results committed yet")
     text = (ROOT / "BENCHMARKS.md").read_text()
-    assert markdown_table(json.loads(path.read_text())) in text
+    res = json.loads(path.read_text())
+    assert markdown_run(res) in text and markdown_table(res) in text
 
 
 @pytest.mark.slow
