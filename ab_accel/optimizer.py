@@ -344,7 +344,8 @@ class ABOptimizer(torch.optim.Optimizer):
         params = self.trained_params()
         # a scope's first step starts from what the world learned (the same on every rank)
         unused = self._unused_layers.get(ranks, self._unused_layers.get(self._world_ranks, set()))
-        deferred = {id(p) for p in params if self._module_of_params().get(id(p), "") in unused}
+        names = self._module_of_params()
+        deferred = {id(p) for p in params if names.get(id(p), "") in unused}
         self._reducer.arm(params, group, ranks, self.phase, deferred)
 
     def _module_of_params(self) -> dict[int, str]:
