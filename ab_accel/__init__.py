@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .comm import TrafficMeter
 from .config import ABConfig, ABConfigError
 from .layers import ABConv1D, ABConv2d, ABLayer, ABLinear, factored_state_dict
@@ -34,6 +34,7 @@ __all__ = [
     "ABConfig", "ABConfigError", "ABOptimizer", "ABSchedule", "TrafficMeter",
     "ABLayer", "ABLinear", "ABConv2d", "ABConv1D",
     "convert", "merge", "compression", "select_layers", "prepare",
-    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "factored_state_dict",
+    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "CheckpointError",
+    "factored_state_dict",
     "Phase", "Event", "LayerMode", "__version__",
 ]

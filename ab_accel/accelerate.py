@@ -41,7 +41,9 @@ handed to :mod:`ab_accel.deepspeed` (``check_config`` before, ``attach`` after p
 from __future__ import annotations
 
 import functools
+import json
 import os
+import shutil
 import warnings
 from typing import Any
 
@@ -51,8 +53,16 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from . import support
-from .checkpoint import META, SHARDS_DIR, is_complete, load_checkpoint, save_checkpoint
-from .config import ABConfig, resolve_config
+from .checkpoint import (
+    META,
+    SHARDS_DIR,
+    STATE_MANIFEST,
+    CheckpointError,
+    is_complete,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .config import ABConfig, ABConfigError, resolve_config
 from .ddp import hand_reduction_to_ab, ignore_factorized_weights
 from .model import ab_layers, convert, why_nothing_to_factorize
 from .optimizer import ABOptimizer
@@ -116,6 +126,7 @@ def prepare(accelerator: Any, *objects: Any, config: ABConfig | dict | None = No
             ...); the message says what to use instead.
         ValueError / TypeError: the objects do not hold one optimizer and its model.
     """
+    check_launch()
     opt_index, model_index = _find_optimizer_and_model(objects)
     given = objects[opt_index]
     cfg = _resolve_config(accelerator, given, config)
@@ -422,4 +433,92 @@ def _wrap_clipping(accelerator: Any) -> None:
     accelerator.clip_grad_value_ = reduce_first(accelerator.clip_grad_value_)
 
 
-__all__ = ["prepare", "ab_optimizer", "ABOptimizerView", "CHECKPOINT_DIR"]
+def check_launch(environ: Any = None) -> None:
+    """Refuse ``accelerate launch --cpu --num_processes N`` (N > 1): Accelerate's simple
+    launcher starts ONE process then, with MASTER_ADDR/MASTER_PORT set for the N wanted but no
+    WORLD_SIZE (a real multi-process launcher sets WORLD_SIZE, mpirun its own size variable).
+    :func:`prepare` calls it; a script may call it first thing, before any work."""
+    env = os.environ if environ is None else environ
+    sizes = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    if "ACCELERATE_USE_CPU" in env and "MASTER_PORT" in env and not any(v in env for v in sizes):
+        raise ABConfigError(
+            "accelerate launch --cpu with --num_processes > 1 starts ONE process (accelerate's "
+            "simple launcher), not the number asked for. For N CPU processes run `accelerate "
+            "launch --multi_gpu --num_processes N ...` with ACCELERATE_USE_CPU=true (or "
+            "Accelerator(cpu=True) in the script), e.g. `accelerate launch --config_file "
+            "configs/accelerate_cpu.yaml`.")
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def save_state(accelerator: Any, directory: str | os.PathLike, meta: Any = None) -> str:
+    """``accelerator.save_state(directory)``, atomically: a folder named ``directory`` is whole.
+
+    Everything is written into ``<directory>.tmp`` (the AB shards in ``ab_training/`` by the
+    save-state hook :func:`prepare` registered), then the main process lists every file with
+    its size in ``ab_state.json``, with ``meta`` (anything JSON can hold, e.g. the run's
+    settings), and renames the folder. :func:`ab_accel.latest_checkpoint` picks the newest such
+    folder and passes over a save that died half-way. Collective: every process calls it.
+    Works with AB-training off too. Returns the folder.
+    """
+    final = os.path.normpath(os.fspath(directory))
+    tmp = final + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = {os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
+                 for d, _, names in os.walk(tmp) for f in names}
+        with open(os.path.join(tmp, STATE_MANIFEST), "w") as fh:
+            json.dump({"world_size": accelerator.num_processes, "files": files, "meta": meta},
+                      fh, indent=1, default=str)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def check_state(accelerator: Any, directory: str | os.PathLike) -> Any:
+    """Check a folder :func:`save_state` wrote, before anything is loaded from it.
+
+    Every process checks the manifest (every file present, of its recorded size) and the
+    processes agree: a missing or truncated file is one :class:`~ab_accel.CheckpointError`
+    naming it, on every process. (The AB shards are checked again against their checksums by
+    the load-state hook.) Returns the ``meta`` given to :func:`save_state`.
+    """
+    from accelerate.utils import gather_object
+
+    directory = os.fspath(directory)
+    problem, saved = None, None
+    manifest = os.path.join(directory, STATE_MANIFEST)
+    if not os.path.isfile(manifest):
+        problem = (f"{directory!r} is not a complete checkpoint (no {STATE_MANIFEST}: "
+                   f"ab_accel.accelerate.save_state writes it last): resume from another one.")
+    else:
+        with open(manifest) as fh:
+            saved = json.load(fh)
+        for name, size in saved["files"].items():
+            path = os.path.join(directory, name)
+            if not os.path.isfile(path):
+                problem = f"checkpoint file {path!r} is missing; nothing was loaded."
+            elif os.path.getsize(path) != size:
+                problem = (f"checkpoint file {path!r} is {os.path.getsize(path)} bytes, the "
+                           f"manifest records {size}: it is truncated; nothing was loaded.")
+            if problem:
+                break
+    problems = gather_object([problem]) if accelerator.num_processes > 1 else [problem]
+    if any(problems):
+        raise CheckpointError(next(p for p in problems if p))
+    return saved["meta"]
+
+
+def load_state(accelerator: Any, directory: str | os.PathLike) -> Any:
+    """:func:`check_state`, then ``accelerator.load_state(directory)``; returns the ``meta``."""
+    meta = check_state(accelerator, directory)
+    accelerator.load_state(directory)
+    return meta
+
+
+__all__ = ["prepare", "ab_optimizer", "ABOptimizerView", "CHECKPOINT_DIR", "check_launch",
+           "save_state", "check_state", "load_state"]

@@ -46,6 +46,9 @@ META = "ab_meta.json"
 #: The sub-folder of a framework's checkpoint (``accelerator.save_state``, a DeepSpeed tag, a
 #: Trainer ``checkpoint-N``) that holds the per-group shards.
 SHARDS_DIR = "ab_training"
+#: The manifest :func:`ab_accel.accelerate.save_state` writes last into a whole
+#: ``accelerator.save_state`` folder (every file and its size, and the caller's metadata).
+STATE_MANIFEST = "ab_state.json"
 #: ABConfig fields that change the AB schedule or the groups: a resume that changes one is refused
 #: unless ``accept_resume_changes`` is set (the other fields may change freely).
 SCHEDULE_FIELDS = ("enabled", "warmup_steps", "sync_every", "rebound_steps", "lr_rebound_steps",
@@ -70,9 +73,11 @@ def is_complete(directory: str | os.PathLike) -> bool:
 def latest_checkpoint(parent: str | os.PathLike) -> str | None:
     """The newest complete checkpoint folder under ``parent`` (None if there is none).
 
-    A child folder counts when it is an AB checkpoint itself or holds one in ``ab_training/``
-    (a framework's checkpoint folder); newest means the largest number in its name
-    (``step_120``, ``checkpoint-120``, ``global_step120``), then the latest modification.
+    A child folder counts when it is an AB checkpoint itself, holds one in ``ab_training/``
+    (a framework's checkpoint folder), or was written whole by
+    :func:`ab_accel.accelerate.save_state` (AB-training on or off); newest means the largest
+    number in its name (``step_120``, ``checkpoint-120``, ``global_step120``), then the latest
+    modification.
     Folders of saves that did not finish (``*.tmp``, no manifest) are passed over.
     """
     parent = os.fspath(parent)
@@ -83,7 +88,8 @@ def latest_checkpoint(parent: str | os.PathLike) -> str | None:
         path = os.path.join(parent, name)
         if name.endswith((_TMP, ".old")) or not os.path.isdir(path):
             continue
-        if is_complete(path) or is_complete(os.path.join(path, SHARDS_DIR)):
+        if is_complete(path) or os.path.isfile(os.path.join(path, STATE_MANIFEST)) \
+                or is_complete(os.path.join(path, SHARDS_DIR)):
             digits = "".join(c if c.isdigit() else " " for c in name).split()
             found.append((int(digits[-1]) if digits else -1, os.path.getmtime(path), path))
     return max(found)[2] if found else None

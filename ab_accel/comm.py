@@ -86,6 +86,10 @@ class TrafficMeter:
         self.dp_equivalent_wire_bytes = 0.0
         self.steps = 0
         self.steps_by_phase: dict[str, int] = defaultdict(int)
+        #: [wire bytes, DP-equivalent wire bytes] of every optimizer step, its switches included
+        #: (:meth:`mark_step`): this rank's traffic over time, for plots.
+        self.per_step: list[list[float]] = []
+        self._marked = (0.0, 0.0)
 
     # -------------------------------------------------------------- recording
     def record(self, op: str, nbytes: int, group_ranks: Sequence[int], phase: str) -> None:
@@ -103,6 +107,12 @@ class TrafficMeter:
         self.steps_by_phase[str(phase)] += 1
         self.dp_equivalent_bytes += int(dp_bytes) if world_size > 1 else 0
         self.dp_equivalent_wire_bytes += dp_bytes * wire_factor("all_reduce", world_size)
+
+    def mark_step(self) -> None:
+        """An optimizer step ended (its switches too): append its bytes to :attr:`per_step`."""
+        now = (self.wire_bytes, self.dp_equivalent_wire_bytes)
+        self.per_step.append([now[0] - self._marked[0], now[1] - self._marked[1]])
+        self._marked = now
 
     # -------------------------------------------------------------- reading
     @property
@@ -157,6 +167,7 @@ class TrafficMeter:
             "dp_equivalent_wire_bytes": self.dp_equivalent_wire_bytes,
             "steps": self.steps,
             "steps_by_phase": dict(self.steps_by_phase),
+            "per_step": [list(v) for v in self.per_step],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -167,6 +178,8 @@ class TrafficMeter:
         self.dp_equivalent_wire_bytes = state["dp_equivalent_wire_bytes"]
         self.steps = state["steps"]
         self.steps_by_phase.update(state["steps_by_phase"])
+        self.per_step = [list(v) for v in state.get("per_step", [])]
+        self._marked = (self.wire_bytes, self.dp_equivalent_wire_bytes)
 
 
 class Communicator:

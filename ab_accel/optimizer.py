@@ -521,6 +521,7 @@ class ABOptimizer(torch.optim.Optimizer):
         self._step += 1
         for event in self.schedule.events(self._step):
             self._run_event(event)
+        self.traffic.mark_step()
         return loss
 
     def _skip_step(self, phase: Phase) -> None:
@@ -589,6 +590,42 @@ class ABOptimizer(torch.optim.Optimizer):
         self._run_event(Event.SYNC, final=True)
         self._finalized = True
         return True
+
+    def report(self) -> dict[str, Any]:
+        """What AB-training did so far, as plain JSON data (a summary file, a tracker).
+
+        The config, the groups and their roles, the phases of the steps taken, every switch
+        (:attr:`switches`), the layers' ranks now, the compression of the last factorization
+        (dense / AB parameter count, from its switch, with what it is measured on), the steps
+        skipped as non-finite, and this rank's traffic (:attr:`traffic`'s summary: sum it over
+        the ranks for the run's). Local: no collective.
+        """
+        switches = [w.to_dict() for w in self.switches]
+        facts = [w for w in switches if w["event"] == str(Event.FACTORIZE)]
+        last = facts[-1]["compression"] if facts else {}
+        when = "" if not facts else "at the end of the run" if facts[-1]["step"] >= \
+            self._step else f"at step {facts[-1]['step']}"
+        plan = self.groups.plan if self.groups is not None else None
+        return {
+            "config": self.config.to_dict(),
+            "group_size": plan.group_size if plan else 1,
+            "groups": [list(g) for g in plan.groups] if plan else [[0]],
+            "roles": [str(r) for r in plan.roles] if plan else [str(Role.AB)],
+            "phases": [(str(p), a, b) for p, a, b in self.schedule.describe(self._step)],
+            "switches": switches,
+            "sync_steps": [w["step"] for w in switches if w["event"] == str(Event.SYNC)],
+            "layer_ranks": self.ranks,
+            "compression": {
+                "ratio": last.get("ratio", 1.0),
+                "factorized_ratio": last.get("factorized_ratio", 1.0),
+                "params_dense": last.get("params_dense"), "params_ab": last.get("params_now"),
+                "of": f"parameter count, dense / AB, of the last factorization ({when}), from "
+                      f"ABOptimizer.switches" if facts else "no factorization happened",
+                "ratio_now": compression(self.model)["ratio"] if self.model is not None
+                else 1.0},
+            "skipped_steps": self.skipped_steps,
+            "traffic": self.traffic.summary(),
+        }
 
     @property
     def lr_factor(self) -> float:

@@ -118,6 +118,23 @@ class ABSchedule:
                 spans.append((p, t, t + 1))
         return spans
 
+    def never_ab(self, total_steps: int) -> str | None:
+        """The warning for a run of ``total_steps`` steps that holds no AB step (None if it
+        reaches an AB phase): what to say at its start, before the time is spent."""
+        if any(p == Phase.AB for p, _, _ in self.describe(total_steps)):
+            return None
+        return (f"this run of {total_steps} steps never reaches an AB phase (it ends within the "
+                f"ab_training warm-up): it is plain data parallel throughout, so its traffic "
+                f"reduction against DP will be ~0 (slightly below: one flag per parameter each "
+                f"step). Lower ab_training.warmup_steps, or train for more steps (max_steps, "
+                f"epochs).")
+
+    def summary(self, total_steps: int) -> str:
+        """The phases of a run as one line: ``warmup 0-54, ab 55-98, rebound 99-109, ...``."""
+        spans = self.describe(total_steps)
+        return ", ".join(f"{p} {a}-{b - 1}" for p, a, b in spans[:7]) + (
+            " ..." if len(spans) > 7 else "")
+
     @staticmethod
     def _check(t: int) -> None:
         if t < 0:

@@ -42,12 +42,13 @@ the JSON's ``"torch_autocast": {"enabled": true, "dtype": "bfloat16"}`` block, n
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from . import support
 from .checkpoint import SHARDS_DIR, load_checkpoint, save_checkpoint
@@ -56,7 +57,10 @@ from .ddp import hand_reduction_to_ab, ignore_factorized_weights
 from .deepspeed import attach, check_config, load_ds_config
 from .model import compression, convert
 from .optimizer import ABOptimizer
+from .schedule import ABSchedule
 from .vocab import Phase
+
+logger = logging.getLogger(__name__)
 
 #: The numbers ``ab_phase`` takes in the logs (trackers want numbers).
 PHASE_CODES = {Phase.WARMUP: 0, Phase.AB: 1, Phase.REBOUND: 2}
@@ -93,6 +97,19 @@ def setup_cpu_deepspeed(backend: str = "gloo") -> dict[str, Any]:
     return {"use_configured_state": True}
 
 
+class _WarnIfNeverAB(TrainerCallback):
+    """At the start of training (when the number of steps is known): a run that never
+    reaches an AB phase says so, before its time is spent."""
+
+    def __init__(self, schedule: ABSchedule) -> None:
+        self.schedule = schedule
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        message = self.schedule.never_ab(state.max_steps) if state.max_steps > 0 else None
+        if message and state.is_world_process_zero:
+            logger.warning(message)
+
+
 class ABTrainer(Trainer):
     """``transformers.Trainer`` with AB-training. See the module docstring.
 
@@ -115,6 +132,8 @@ class ABTrainer(Trainer):
         self.ab_config = cfg
         if self.model is not None:
             self._convert(self.model)
+        if cfg.enabled:
+            self.add_callback(_WarnIfNeverAB(ABSchedule.from_config(cfg)))
 
     def _refuse_unsupported(self) -> None:
         where, tr = "in the Trainer", support.TRAINER

@@ -67,6 +67,8 @@ from typing import Any
 
 from jsonargparse import ArgumentParser
 
+from ab_accel.cli import field_help
+
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -596,9 +598,7 @@ def parse(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--quick", action="store_true",
                         help="The quick variant: 1 seed, a smaller model, fewer steps.")
     parser.add_class_arguments(Settings, as_group=False)
-    helps = {f.name: f.metadata.get("help") for f in dataclasses.fields(Settings)}
-    for action in parser._actions:  # jsonargparse reads docstrings only, not field metadata
-        action.help = action.help or helps.get(action.dest)
+    field_help(parser, Settings)  # jsonargparse reads docstrings only, not field metadata
     ns = parser.parse_args(argv)
     if ns.quick:
         parser.set_defaults(**QUICK)

@@ -7,20 +7,16 @@ block is :class:`ab_accel.ABConfig` itself), ``--model.hidden_size 384``, ``--be
 A wrong key, type or value raises :class:`ConfigError` before anything heavy is loaded.
 """
 
-import argparse
 import copy
 import dataclasses
-import difflib
 import json
 import logging
 import os
-import re
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile
 from jsonargparse.typing import (
     NonNegativeFloat,
     NonNegativeInt,
@@ -31,6 +27,8 @@ from jsonargparse.typing import (
 )
 
 from ab_accel import ABConfig, ABConfigError, support
+from ab_accel.cli import CommandLineError as ConfigError
+from ab_accel.cli import make_parser, parse_argv
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("recipes")
@@ -38,10 +36,6 @@ logger = logging.getLogger("recipes")
 
 UpToOne = restricted_number_type("UpToOne", float, [(">", 0), ("<=", 1)])  # (0, 1]
 BelowOne = restricted_number_type("BelowOne", float, [(">=", 0), ("<", 1)])  # [0, 1)
-
-
-class ConfigError(ValueError):
-    """A bad knob, config file or data location. The message says what to change."""
 
 
 def knob(default: Any, help: str) -> Any:
@@ -143,68 +137,6 @@ class Recipe:
     digits_config: str
     imagenet_config: str
     imagenet_note: str  # what the ImageNet config trains, for the message on a small machine
-
-
-# ------------------------------------------------------------------------------- the parser
-def make_parser(prog: str, description: str, *classes: type, **kwargs: Any) -> ArgumentParser:
-    """A jsonargparse parser over dataclasses, their fields at the top level, ``--no-ab`` a
-    flag, every field's ``metadata["help"]`` in --help (jsonargparse reads docstrings only)."""
-    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False,
-                            allow_abbrev=False)  # --epoch is not --epochs: refused
-    for cls in classes:
-        parser.add_class_arguments(cls, as_group=False, **kwargs)
-    parser.add_argument("--no-ab", "--no_ab", dest="no_ab", action="store_true",
-                        help="Plain data parallel (DDP), everything else identical.")
-    return field_help(parser, *classes)
-
-
-def field_help(parser: ArgumentParser, *classes: type) -> ArgumentParser:
-    """Each dataclass field's ``metadata["help"]`` in --help (ABConfig's under ab_training.)."""
-    helps = {f"{prefix}{f.name}": f.metadata["help"] for cls, prefix in [
-        *((c, "") for c in classes), (ABConfig, "ab_training.")] for f in dataclasses.fields(cls)
-        if "help" in f.metadata}
-    for action in parser._actions:
-        action.help = action.help or helps.get(action.dest)
-    for group in parser._action_groups:  # the nested ABConfig: its name, not its repr
-        if group.title == str(ABConfig):
-            group.title = "ab_training (ab_accel.ABConfig)"
-    return parser
-
-
-def did_you_mean(message: str, parser: ArgumentParser) -> str:
-    """The hint jsonargparse does not give: the closest knob to an unknown one."""
-    match = (re.search(r"Group '([\w.]+)' does not accept option '(\w+)'", message)
-             or re.search(r"Option '([\w.]+)' is not accepted", message)
-             or re.search(r"unrecognized arguments: --([\w.-]+)", message))
-    if not match:
-        return ""
-    block, _, name = ".".join(match.groups()).replace("-", "_").rpartition(".")
-    known = [a.dest.rpartition(".")[2] for a in parser._actions
-             if a.dest.rpartition(".")[0] == block]
-    hint = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-    return (f" (unknown key {name!r}{f' in {block}' if block else ''}"
-            + (f": did you mean {hint[0]!r}?)" if hint else ")"))
-
-
-def parse_argv(parser: ArgumentParser, argv: list[str], *classes: type) -> Any:
-    """parser.parse_args, with the shorthands of the recipes' former parsers (and of
-    HfArgumentParser): a bare boolean flag (``--bf16``) is true; ``a,b,c`` after a list knob
-    (``--betas 0.9,0.95``, ``--model.depths 3,4,6,3``) is the list [a,b,c]."""
-    hints = {k: v for cls in classes for k, v in typing.get_type_hints(cls).items()}
-    flags = {f"--{k}" for k, v in hints.items() if v in (bool, bool | None)} - {"--no_ab"}
-    lists = tuple(f"--{k}" for k, v in hints.items() if typing.get_origin(v) in (list, tuple))
-    out: list[str] = []
-    for i, a in enumerate(argv):
-        following = argv[i + 1] if i + 1 < len(argv) else "--"
-        if a in flags and following.startswith("--"):
-            a += "=true"
-        elif out and out[-1].startswith((*lists, "--model.")) and "," in a and a[0] != "[":
-            a = f"[{a}]"
-        out.append(a)
-    try:
-        return parser.parse_args(out)
-    except argparse.ArgumentError as exc:  # what jsonargparse raises (exit_on_error=False)
-        raise ConfigError(str(exc).strip() + did_you_mean(str(exc), parser)) from None
 
 
 def parse(recipe: Recipe, argv: Sequence[str], world_size: int | None = None) -> TrainArgs:

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ab_accel import ABConfig, ABConfigError
+from ab_accel.cli import field_help, make_parser, parse_argv
 
-from args import ConfigError, DataArgs, field_help, knob, make_parser, parse_argv
+from args import ConfigError, DataArgs, knob
 from data import IGNORE_INDEX, ImageDataset, class_names, image_transform, load_splits
 
 

@@ -9,6 +9,8 @@ line, ``ab_accel.prepare`` in place of ``accelerator.prepare``, and at the end
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -59,138 +61,25 @@ def make_accelerator(args: TrainArgs, trackers: list[Any]) -> Any:
     return accelerator
 
 
-def top_k_hits(ranked: Any, labels: Any) -> tuple[int, int]:
-    """(top-1 hits, top-k hits) of class indices ranked best first, shape (N, k)."""
-    hits = ranked == labels[:, None]
-    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
-
-
-def evaluate(model: Any, loader: Any, accelerator: Any, num_labels: int,
-             unreadable: data.UnreadableImages, k: int = 5) -> dict[str, Any]:
-    """Top-1 and top-k of the whole eval set: each rank runs its shard, gather_for_metrics
-    collects the predictions (without the last batch's padding). Top-k is not reported when
-    k >= the number of classes (it would be 1.0 by construction)."""
-    import torch
-    from accelerate.utils import gather_object
-
-    was_training, hit1, hitk, count = model.training, 0, 0, 0
-    model.eval()
-    with torch.no_grad():
-        for batch in loader:
-            ranked = model(pixel_values=batch["pixel_values"]).logits.topk(
-                min(k, num_labels), dim=-1).indices
-            ranked, labels = accelerator.gather_for_metrics((ranked, batch["labels"]))
-            unreadable.add(batch["index"], batch["labels"])
-            keep = labels != data.IGNORE_INDEX
-            h1, hk = top_k_hits(ranked[keep], labels[keep])
-            hit1, hitk, count = hit1 + h1, hitk + hk, count + int(keep.sum())
-    model.train(was_training)
-    unreadable.flush(gather_object, accelerator.is_main_process)
-    return {"top1": hit1 / max(1, count), f"top{k}": hitk / max(1, count) if num_labels > k
-            else None, "count": count, "skipped": len(unreadable.seen)}
-
-
-MANIFEST = "recipe_checkpoint.json"  # the recipe's files of a checkpoint folder, written last
-# Knobs whose change on resume is reported (the AB schedule and the world size are the core's
-# to refuse: ab_accel.checkpoint); the others (output_dir, the resume flag itself) may differ.
-REPORTED_CHANGES = ("lr", "lr_start", "min_lr", "lr_warmup_epochs", "max_steps", "epochs",
-                    "batch_size", "gradient_accumulation_steps", "weight_decay", "betas",
-                    "max_grad_norm", "label_smoothing", "seed", "mixed_precision")
-
-
-def check_launch(environ: dict[str, str] | None = None) -> None:
-    """Refuse `accelerate launch --cpu --num_processes N` (N > 1): its simple launcher starts ONE
-    process, with MASTER_ADDR/MASTER_PORT set for the N wanted but no WORLD_SIZE (a real
-    multi-process launcher sets WORLD_SIZE, mpirun its own size variable)."""
-    env = os.environ if environ is None else environ
-    sizes = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-    if "ACCELERATE_USE_CPU" in env and "MASTER_PORT" in env and not any(v in env for v in sizes):
-        raise ConfigError(
-            "accelerate launch --cpu with --num_processes > 1 starts ONE process (accelerate's "
-            "simple launcher), not the number asked for. For N CPU processes run `accelerate "
-            "launch --multi_gpu --num_processes N ...` (the recipe picks CPU and gloo itself, "
-            "knob cpu: auto), or `accelerate launch --config_file configs/accelerate_cpu.yaml`.")
+# Knobs a resumed run may change without a word (the AB schedule and the world size are the
+# core's to refuse: ab_accel.checkpoint); every other changed knob is reported.
+QUIET_CHANGES = {"resume_from_checkpoint", "output_dir", "config", "report_to", "ab_training"}
 
 
 def checkpoint_dir(args: TrainArgs) -> str | None:
     """--resume_from_checkpoint: a folder, or latest (the newest COMPLETE step_N of output_dir:
-    ab_accel.latest_checkpoint; a folder is renamed into place only once it is whole)."""
+    ab_accel.latest_checkpoint; ab_accel.accelerate.save_state renames a folder in when whole)."""
     from ab_accel import latest_checkpoint
 
     path, folder = args.resume_from_checkpoint, os.path.join(args.output_dir, "checkpoints")
     if path == "latest":
-        path = latest_checkpoint(folder) if not args.no_ab else max(
-            (os.path.join(folder, d) for d in os.listdir(folder) if d.startswith("step_")
-             and d[5:].isdigit() and os.path.isfile(os.path.join(folder, d, MANIFEST))),
-            key=lambda d: int(d.rpartition("_")[2]), default=None) if os.path.isdir(folder) \
-            else None
+        path = latest_checkpoint(folder)
         if path is None:  # the first start of a run launched to restart itself (torchrun)
             logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s yet: "
                            "starting from step 0", folder)
-            return None
-    if path and not os.path.isdir(path):
+    elif path and not os.path.isdir(path):
         raise ConfigError(f"--resume_from_checkpoint {path!r} does not exist.")
     return path
-
-
-def check_checkpoint(path: str) -> dict[str, Any]:
-    """The recipe's manifest of ``path``: every file accelerate wrote is there, of its recorded
-    size (the AB shards in ab_training/ have the core's own manifest and checksums, checked by
-    ``load_state`` on every rank before anything is loaded). Returns the saved run's knobs."""
-    import json
-
-    manifest = os.path.join(path, MANIFEST)
-    if not os.path.isfile(manifest):
-        raise ConfigError(f"{path!r} is not a complete checkpoint of this recipe (no "
-                          f"{MANIFEST}): resume from another one, or --resume_from_checkpoint "
-                          f"latest.")
-    with open(manifest) as fh:
-        saved = json.load(fh)
-    for name, size in saved["files"].items():
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise ConfigError(f"checkpoint file {file!r} is missing; nothing was loaded.")
-        if os.path.getsize(file) != size:
-            raise ConfigError(f"checkpoint file {file!r} is {os.path.getsize(file)} bytes, the "
-                              f"manifest records {size}: it is truncated; nothing was loaded.")
-    return saved
-
-
-def save_checkpoint(accelerator: Any, args: TrainArgs, step: int) -> str:
-    """accelerator.save_state into ``checkpoints/step_N.tmp``, the recipe's manifest written
-    last, then renamed to ``step_N``: a folder named step_N is always whole."""
-    import dataclasses
-    import json
-    import shutil
-
-    final = os.path.join(args.output_dir, "checkpoints", f"step_{step}")
-    tmp = final + ".tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)  # the AB shards inside: ab_training/ (the core's atomic writer)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = {os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
-                 for d, _, names in os.walk(tmp) for f in names
-                 if os.path.relpath(d, tmp).split(os.sep)[0] != "ab_training"}
-        with open(os.path.join(tmp, MANIFEST), "w") as fh:
-            json.dump({"step": step, "world_size": accelerator.num_processes, "files": files,
-                       "args": dataclasses.asdict(args)}, fh, indent=1, default=str)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def changed_knobs(saved: dict[str, Any], args: TrainArgs) -> list[str]:
-    """The knobs of REPORTED_CHANGES this run sets differently from the checkpoint's run."""
-    import dataclasses
-
-    now = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(args).items()}
-    return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in REPORTED_CHANGES
-            if k in saved and saved[k] != now[k]]
 
 
 def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
@@ -198,9 +87,10 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     args = parse_args(recipe, argv)
     if args.data_dir:
         data.check_data_dir(args.data_dir)
-    check_launch()
+    from ab_accel.accelerate import check_launch
+
+    check_launch()  # accelerate launch --cpu --num_processes 4 starts one process: refused
     resume_dir, from_scratch = checkpoint_dir(args), not args.model_name_or_path
-    saved = check_checkpoint(resume_dir) if resume_dir else None
     ab_config(args, launched_world_size(), from_scratch)  # groups that fit the launched world
     if from_scratch:
         modeling.check_model_keys(args.model_type, args.model)
@@ -213,8 +103,9 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     import ab_accel
-    from ab_accel.accelerate import ab_optimizer
+    from ab_accel.accelerate import ab_optimizer, check_state, save_state
     from ab_accel.config import DEEPSPEED_KEY
+    from ab_accel.ddp import DDPTraffic
 
     import report
 
@@ -257,19 +148,19 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     scheduler = modeling.lr_schedule(optimizer, total_steps, round(
         args.lr_warmup_epochs * steps_per_epoch), args.lr_start, args.min_lr)
-    ddp = None
+    ddp = None  # --no-ab: what plain DP sends, counted by a DDP comm hook
     if ab_opt is None and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        ddp = report.DDPTraffic(model, world)  # what plain DP sends, counted by a comm hook
-    record = report.RunLog(accelerator, lambda: (
-        (ab_opt.traffic.wire_bytes, ab_opt.traffic.dp_equivalent_wire_bytes) if ab_opt
-        else (ddp.wire_bytes if ddp else 0.0, 0.0)),
-        skipped=lambda: ab_opt.skipped_steps if ab_opt else 0)
+        ddp = DDPTraffic(model)
+    record = report.RunLog(accelerator)
     bad_train, bad_eval = data.UnreadableImages(train_ds), data.UnreadableImages(eval_ds)
     for obj in (scheduler, ddp, bad_train, record):  # saved by accelerator.save_state
         if obj is not None:
             accelerator.register_for_checkpointing(obj)
-    if resume_dir:
-        changed = changed_knobs(saved["args"], args)
+    knobs = json.loads(json.dumps(dataclasses.asdict(args), default=str))
+    if resume_dir:  # checked whole first (ab_accel.accelerate.check_state)
+        saved = check_state(accelerator, resume_dir)
+        changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in knobs.items()
+                   if k not in QUIET_CHANGES and k in saved and saved[k] != v]
         if changed:  # the LR scheduler's state (its peak and length) comes from the checkpoint
             logger.warning("resuming with changed knobs: %s. The learning-rate schedule is the "
                            "checkpoint's (restored with it): a new lr does not apply, and a "
@@ -311,27 +202,31 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
                 bad_train.add(batch["index"], targets)
                 if not accelerator.sync_gradients:
                     continue
-                record.after_step(scheduler.get_last_lr()[0], report.phase_of(ab_opt))
+                record.step, record.lr, record.phase = record.step + 1, \
+                    scheduler.get_last_lr()[0], phase_of(ab_opt)
                 scheduler.step()
+                if ddp is not None:
+                    ddp.mark_step()
                 progress.update(1)
                 save = args.checkpointing_steps and record.step % args.checkpointing_steps == 0
                 if save or record.step % args.log_every == 0 or record.step == total_steps:
-                    logged = record.flush()
+                    logged = record.flush(ab_opt.skipped_steps if ab_opt else 0)
                     bad_train.flush(gather_object, accelerator.is_main_process)
                     if logged:
                         progress.set_postfix(loss=f"{logged['loss']:.3f}", phase=logged["phase"])
                 if save:
                     record.elapsed, t0 = record.elapsed + time.time() - t0, time.time()
-                    save_checkpoint(accelerator, args, record.step)
+                    save_state(accelerator, os.path.join(
+                        args.output_dir, "checkpoints", f"step_{record.step}"), meta=knobs)
                 if record.step >= total_steps:
                     break
             if record.batches_in_epoch >= len(train_dl):  # the epoch is complete
                 record.batches_in_epoch, record.epoch = 0, record.epoch + 1
                 if record.epoch % args.eval_every_epochs == 0:
                     differ = bool(ab_opt and ab_opt.groups_differ)
-                    result = record.log_eval(evaluate(model, eval_dl, accelerator, len(labels),
-                                                      bad_eval), phase=report.phase_of(ab_opt),
-                                             groups_differ=differ)
+                    result = record.log_eval(report.evaluate(
+                        model, eval_dl, accelerator, len(labels), bad_eval),
+                        phase=phase_of(ab_opt), groups_differ=differ)
                     logger.info("epoch %d (step %d, %s phase): top-1 %.4f%s", record.epoch,
                                 record.step, result["phase"], result["top1"],
                                 " (the groups differ: each rank evaluates its group's model "
@@ -344,29 +239,34 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     final_sync = "in sync"
     if ab_opt is not None and ab_opt.finalize():
         final_sync = f"final sync ({ab_opt.config.sync_mode}): the run stopped mid-AB-phase"
-    at_end = None
-    if ab_opt is not None:  # the AB layers as they end, before the merge
-        from ab_accel.model import ab_layers
-
-        at_end = {"ranks": {name: layer.rank for name, layer in ab_layers(unwrapped)},
-                  "compression": ab_accel.compression(unwrapped)}
+    ab = ab_opt.report() if ab_opt is not None else None  # the AB layers as they end
     export = report.export_merged(unwrapped, eval_ds, args, accelerator)
-    final = record.log_eval(evaluate(unwrapped, eval_dl, accelerator, len(labels), bad_eval),
-                            phase=report.phase_of(ab_opt), final=True)
-    traffic = ({"measured_by": "ab_accel's traffic meter", **ab_opt.traffic.summary()} if ab_opt
-               else ddp.summary() if ddp else {"bytes": 0, "wire_bytes": 0.0,
-                                               "measured_by": "single process: none"})
-    per_rank = gather_object([traffic])
+    final = record.log_eval(report.evaluate(
+        unwrapped, eval_dl, accelerator, len(labels), bad_eval), phase=phase_of(ab_opt),
+        final=True)
+    if ab_opt is not None:
+        traffic = {"measured_by": "ab_accel's traffic meter", **ab_opt.traffic.summary()}
+    else:
+        traffic = ddp.summary() if ddp else {"bytes": 0, "wire_bytes": 0.0,
+                                             "measured_by": "single process: none"}
+    per_step = ab_opt.traffic.per_step if ab_opt else [[w, 0.0] for w in (
+        ddp.per_step if ddp else [0.0] * record.step)]
+    per_rank = gather_object([(traffic, per_step)])
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
         summary = report.summarize(
-            recipe=recipe.name, args=args, ab_opt=ab_opt, record=record, per_rank=per_rank,
+            recipe=recipe.name, args=args, ab=ab, record=record, per_rank=per_rank,
             final=final, classes=len(labels), export={**export, "final_sync": final_sync},
-            at_end=at_end, data=data_desc, wall_time_s=time.time() - started,
-            skipped={"train": len(bad_train.seen), "eval": final["skipped"]})
+            data=data_desc, wall_time_s=time.time() - started,
+            skipped_images={"train": len(bad_train.seen), "eval": final["skipped"]})
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def phase_of(ab_opt: Any) -> str:
+    """The phase of the last optimizer step ("dp" without AB-training)."""
+    return str(ab_opt.schedule.phase(max(0, ab_opt.step_count - 1))) if ab_opt else "dp"
 
 
 def main(recipe: Recipe, argv: Sequence[str]) -> None:

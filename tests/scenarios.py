@@ -575,3 +575,87 @@ def overlap_vs_after_backward(rank: int, world: int) -> dict[str, Any]:
                      "bytes": opt.traffic.summary()["bytes"],
                      "grad_bytes": opt.traffic.summary()["bytes_by_phase"]}
     return out
+
+
+def ddp_traffic_counts_what_ddp_sends(rank: int, world: int) -> dict[str, Any]:
+    """Plain DDP with ab_accel.ddp.DDPTraffic's comm hook: 3 SGD steps of small_cnn (BatchNorm
+    buffers, broadcast by DDP before every forward)."""
+    from ab_accel.ddp import DDPTraffic
+
+    torch.manual_seed(0)
+    model = small_cnn()
+    ddp = DDP(model)
+    counter = DDPTraffic(ddp)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for step in range(3):
+        opt.zero_grad()
+        loss_of(ddp, rank, step).backward()
+        opt.step()
+        counter.mark_step()
+    again = DDPTraffic(DDP(copy.deepcopy(model)))
+    again.load_state_dict(counter.state_dict())
+    return {"grad_bytes": counter.grad_bytes, "buffer_bytes": counter.buffer_bytes,
+            "wire": counter.wire_bytes, "per_step": counter.per_step,
+            "summary": counter.summary(), "restored": again.summary(),
+            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "buffer_total": sum(b.numel() * b.element_size() for b in model.buffers()),
+            "grads": [p.grad.clone() for p in model.parameters()]}
+
+
+def meter_keeps_the_bytes_of_every_step(rank: int, world: int) -> dict[str, Any]:
+    """ABOptimizer's meter: the per-step bytes (switches included) add up to its totals."""
+    torch.manual_seed(0)
+    cfg = ABConfig(warmup_steps=2, sync_every=4, rebound_steps=1, rank_fraction=0.5)
+    model = convert(small_cnn(), cfg)
+    opt = ABOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, cfg)
+    for step in range(9):
+        opt.zero_grad()
+        loss_of(model, rank, step).backward()
+        opt.step()
+    return {"per_step": opt.traffic.per_step, "summary": opt.traffic.summary(),
+            "phases": [str(opt.schedule.phase(t)) for t in range(9)], "report": opt.report()}
+
+
+def accelerate_state_saved_whole_and_checked(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    """ab_accel.accelerate.save_state / check_state around Accelerate's save_state, AB-training
+    on (a mid-AB-phase save) and the checks of a damaged copy, on every rank."""
+    import shutil
+
+    from accelerate import Accelerator
+
+    import ab_accel
+    from ab_accel.accelerate import check_state, load_state, save_state
+
+    acc = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    cfg = ABConfig(warmup_steps=1, sync_every=4, rebound_steps=1, rank_fraction=0.5)
+    model = small_cnn()
+    model, opt = ab_accel.prepare(acc, model, torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                  config=cfg)
+    for step in range(2):
+        opt.zero_grad()
+        acc.backward(loss_of(model, rank, step))
+        opt.step()
+    folder = os.path.join(tmp, "ckpts", "step_2")
+    out: dict[str, Any] = {"saved": save_state(acc, folder, meta={"lr": 1e-3, "step": 2})}
+    out["listing"] = sorted(os.listdir(os.path.join(tmp, "ckpts")))
+    out["latest"] = ab_accel.latest_checkpoint(os.path.join(tmp, "ckpts"))
+    out["meta"] = load_state(acc, folder)
+    errors = {}
+    for damage in ("truncate", "remove_manifest"):
+        bad = os.path.join(tmp, f"bad_{damage}")
+        if rank == 0:
+            shutil.rmtree(bad, ignore_errors=True)
+            shutil.copytree(folder, bad)
+            if damage == "truncate":
+                with open(os.path.join(bad, "model.safetensors"), "r+b") as fh:
+                    fh.truncate(10)
+            else:
+                os.remove(os.path.join(bad, "ab_state.json"))
+        acc.wait_for_everyone()
+        try:
+            check_state(acc, bad)
+        except ab_accel.CheckpointError as exc:
+            errors[damage] = str(exc)
+    out["errors"] = errors
+    return out

@@ -9,6 +9,7 @@ launcher); 2 processes under Accelerate + DeepSpeed ZeRO-0.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import pytest
 import torch
 
+from ab_accel import ABConfigError
 from distributed import free_port
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "accel_scripts", "train_digits.py")
@@ -267,3 +269,30 @@ def test_deepspeed_reads_ab_training_key_and_hands_the_engine_over(tmp_path):
         assert _same(recs[0]["snapshots"][step], recs[1]["snapshots"][step]), step
     for step in (4, 8, 12):
         assert not _same(recs[0]["snapshots"][step], recs[1]["snapshots"][step]), step
+
+
+def test_save_state_is_whole_or_absent_and_a_damaged_copy_is_refused_on_every_rank(tmp_path):
+    from distributed import run_distributed
+    from scenarios import accelerate_state_saved_whole_and_checked
+
+    results = run_distributed(accelerate_state_saved_whole_and_checked, 2, str(tmp_path))
+    folder = str(tmp_path / "ckpts" / "step_2")
+    for r in results:
+        assert r["saved"] == r["latest"] == folder and r["listing"] == ["step_2"]  # no .tmp
+        assert r["meta"] == {"lr": 1e-3, "step": 2}
+        assert "model.safetensors' is 10 bytes" in r["errors"]["truncate"]
+        assert "nothing was loaded" in r["errors"]["truncate"]
+        assert "no ab_state.json" in r["errors"]["remove_manifest"]
+    with open(tmp_path / "ckpts" / "step_2" / "ab_state.json") as fh:
+        files = json.load(fh)["files"]
+    assert "model.safetensors" in files and "ab_training/ab_meta.json" in files
+
+
+def test_accelerate_launch_cpu_with_several_processes_is_refused_by_prepare():
+    from ab_accel.accelerate import check_launch
+
+    one_of_four = {"ACCELERATE_USE_CPU": "true", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    with pytest.raises(ABConfigError, match="starts ONE process"):
+        check_launch(one_of_four)
+    check_launch({**one_of_four, "WORLD_SIZE": "4"})  # a real multi-process launch
+    check_launch({"ACCELERATE_USE_CPU": "true"})  # one process, asked for

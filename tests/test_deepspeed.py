@@ -245,10 +245,11 @@ def ds_scenarios_steps() -> int:
 
 def test_deepspeed_launcher_reads_the_key_from_args_deepspeed_config(tmp_path):
     """`deepspeed --num_gpus 2 script --deepspeed --deepspeed_config configs/...launcher.json`:
-    the JSON's optimizer (torch AdamW), scheduler and bf16 autocast blocks, GAS 2."""
+    the JSON's optimizer (torch AdamW), scheduler and bf16 autocast blocks, GAS 2; the results
+    go to an --out folder that does not exist yet (the script creates it before training)."""
     config = _config_copy(tmp_path, "ds_ab_zero0_launcher.json",
                           train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
-    out = str(tmp_path)
+    out = str(tmp_path / "results" / "run1")  # the documented command: --out need not exist
     recs = _launch([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port",
                     str(free_port()), os.path.join(SCRIPTS, "train_ds.py"), "--deepspeed",
                     "--deepspeed_config", config, "--out", out], out, 2)

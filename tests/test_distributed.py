@@ -4,6 +4,8 @@ every sync mode."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -364,3 +366,37 @@ def test_a_bf16_or_fp16_wire_halves_the_gradient_bytes_and_stays_close():
                 for k in a:
                     if a[k] is not None:
                         torch.testing.assert_close(b[k], a[k], rtol=tol, atol=tol * 1e-2)
+
+
+def test_ddp_traffic_counts_every_bucket_and_buffer_broadcast_and_still_reduces():
+    from ab_accel.comm import wire_factor
+
+    results = run_distributed(scenarios.ddp_traffic_counts_what_ddp_sends, 2)
+    for r in results:
+        assert r["grad_bytes"] == 3 * r["param_bytes"]  # every gradient, every step
+        assert r["buffer_bytes"] == 3 * r["buffer_total"]  # BatchNorm stats before each forward
+        assert r["wire"] == pytest.approx(r["grad_bytes"] * wire_factor("all_reduce", 2)
+                                          + r["buffer_bytes"] * wire_factor("broadcast", 2))
+        assert len(r["per_step"]) == 3 and sum(r["per_step"]) == pytest.approx(r["wire"])
+        assert r["restored"] == r["summary"]  # state_dict / load_state_dict round trip
+    # The counting hook still runs the all-reduce: different data, the same averaged gradients.
+    for a, b in zip(results[0]["grads"], results[1]["grads"], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_meter_keeps_each_steps_bytes_and_the_report_says_what_ran():
+    r0, r1 = run_distributed(scenarios.meter_keeps_the_bytes_of_every_step, 2)
+    per_step, total = r0["per_step"], r0["summary"]
+    assert len(per_step) == 9 and per_step == r1["per_step"]
+    assert sum(w for w, _ in per_step) == pytest.approx(total["wire_bytes"])
+    assert sum(d for _, d in per_step) == pytest.approx(total["dp_equivalent_wire_bytes"])
+    assert r0["phases"][3] == r0["phases"][7] == "ab"  # steps that end on no switch
+    assert per_step[3][0] < 0.5 * per_step[0][0] and per_step[7][0] < 0.5 * per_step[0][0]
+    report = r0["report"]
+    assert report["groups"] == [[0], [1]] and report["roles"] == ["A", "B"]
+    assert [(w["event"], w["step"]) for w in report["switches"]] == [
+        ("factorize", 2), ("sync", 5), ("factorize", 6), ("sync", 9)]
+    assert report["sync_steps"] == [5, 9] and report["skipped_steps"] == 0
+    assert report["compression"]["factorized_ratio"] > 1 and "at step 6" in \
+        report["compression"]["of"]
+    json.dumps(report)  # plain JSON data

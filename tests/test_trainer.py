@@ -261,3 +261,24 @@ def test_finetune_recipe_skips_a_truncated_jpeg_with_one_warning(tmp_path):
     summary = json.loads((out / "ab_summary.json").read_text())
     assert sum(summary["skipped_images"].values()) == 1
     assert 0.0 <= summary["eval"]["eval_accuracy"] <= 1.0
+
+
+def test_a_run_that_never_reaches_an_ab_phase_says_so_when_training_starts(tmp_path, caplog):
+    import logging
+
+    from transformers import AutoModelForSequenceClassification, TrainingArguments
+
+    from ab_accel.trainer import ABTrainer
+
+    trainer_scenarios.save_gpt2(str(tmp_path / "gpt2"))
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "gpt2"))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, max_steps=3,
+                             per_device_train_batch_size=4, report_to="none",
+                             save_strategy="no", disable_tqdm=True)
+    trainer = ABTrainer(model=model, args=args, ab_config={"warmup_steps": 5},
+                        train_dataset=trainer_scenarios.TokenDataset(32, seed=1))
+    with caplog.at_level(logging.WARNING, logger="ab_accel.trainer"):
+        trainer.train()
+    assert trainer.ab_optimizer.step_count == 3
+    assert any("this run of 3 steps never reaches an AB phase" in r.getMessage()
+               for r in caplog.records)
