@@ -52,7 +52,7 @@ case "$MODE" in
         ;;
 esac
 
-echo "== machine: $(nproc) cores; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "== machine: $(nproc --all) cores; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 start=$SECONDS
 
 for spec in "${MODELS[@]}"; do

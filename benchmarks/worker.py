@@ -93,6 +93,7 @@ def train_one(rank: int, local_rank: int, spec: dict[str, Any], method_name: str
     for step in range(knobs.steps):
         # the phase this step trains in (AB's schedule; "dp" for every other method)
         phase = method.ab.phase if method.ab is not None else "dp"
+        switches = len(method.ab.switches) if method.ab is not None else 0
         t_step = time.perf_counter()
         x, y = batches.batch(step)
         loss = loss_fn(method.forward_model(x), y)
@@ -100,7 +101,10 @@ def train_one(rank: int, local_rank: int, spec: dict[str, Any], method_name: str
         method.step()
         took = time.perf_counter() - t_step
         phase_seconds[phase] = phase_seconds.get(phase, 0.0) + took
-        phase_times.setdefault(phase, []).append(took)
+        if method.ab is None or len(method.ab.switches) == switches:
+            # the median step of a phase: steps that also ran a factorization or a sync (an
+            # SVD of every AB layer, a switch cost) are left out of it, not out of the means
+            phase_times.setdefault(phase, []).append(took)
         phase_steps[phase] = phase_steps.get(phase, 0) + 1
         last = step + 1 == knobs.steps
         if last:
