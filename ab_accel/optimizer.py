@@ -142,6 +142,7 @@ class ABOptimizer(torch.optim.Optimizer):
         #: True: Accelerate's ``sync_gradients``, DeepSpeed's accumulation boundary.
         self.launch_predicate: Callable[[], bool] | None = None
         self._reducer: OverlapReducer | None = None
+        self._tail_state: Any = None  # what rode in the reducer's last bucket (see _tail_of)
         # per scope (its ranks): modules none of whose grads arrived in its last step; learned
         # from the scope's reduced flags, so every rank of the scope holds the same set
         self._unused_layers: dict[tuple[int, ...], set[str]] = {}
@@ -346,7 +347,21 @@ class ABOptimizer(torch.optim.Optimizer):
         unused = self._unused_layers.get(ranks, self._unused_layers.get(self._world_ranks, set()))
         names = self._module_of_params()
         deferred = {id(p) for p in params if names.get(id(p), "") in unused}
-        self._reducer.arm(params, group, ranks, self.phase, deferred)
+        self._reducer.arm(params, group, ranks, self.phase, deferred, tail=self._tail_of(params))
+
+    def _tail_of(self, params: list[nn.Parameter]) -> Callable[..., list[torch.Tensor]]:
+        """What rides in the overlapped reduction's last bucket: one "used" flag per trained
+        tensor and last the non-finite flag of this rank (gradients and buffers), then the
+        float buffers; ``self._tail_state`` keeps them for :meth:`synchronize`."""
+        def tail(used: dict[int, bool], bad: torch.Tensor) -> list[torch.Tensor]:
+            kind = params[0] if params else torch.empty(0, device=self.comm.device)
+            flags = [1.0 if used.get(id(p), False) else 0.0 for p in params]
+            local_bad = bad | _nonfinite(self._buffers, kind.device)
+            flag_tensor = torch.tensor(flags + [0.0], dtype=kind.dtype, device=kind.device)
+            flag_tensor[-1] = local_bad.to(flag_tensor.dtype)
+            self._tail_state = (flag_tensor, local_bad, [b.clone() for b in self._buffers])
+            return [flag_tensor] + self._buffers
+        return tail
 
     def _module_of_params(self) -> dict[int, str]:
         return {id(p): name.rpartition(".")[0] for name, p in self.model.named_parameters()}
@@ -395,29 +410,31 @@ class ABOptimizer(torch.optim.Optimizer):
         group, ranks = self._scope()
         params = self.trained_params()
         if len(ranks) > 1 and self.comm.active():
-            grads: list[torch.Tensor] = []
-            flags: list[float] = []
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                    flags.append(0.0)
-                else:
-                    flags.append(1.0)
-                grads.append(p.grad)
-            kind = grads[0] if grads else torch.empty(0, device=self.comm.device)
-            # One "used" flag per trained tensor, and last the number of ranks whose own
-            # gradients are non-finite: it rides in the gradient all-reduce (no extra trip).
-            used = torch.tensor(flags + [0.0], dtype=kind.dtype, device=kind.device)
-            own_buffers = [b.clone() for b in self._buffers]  # small: BatchNorm statistics
             if self._reducer is not None and self._reducer.armed:
-                # The gradients went out during backward; what is left: the flags, the buffers.
+                # The gradients went out during backward; the flags, the non-finite count and
+                # the buffers rode in the last bucket (or, when they could not, go now).
                 sent_bad = self._reducer.finish()
-                local_bad = _nonfinite(self._buffers, kind.device)
-                if sent_bad is not None:
-                    local_bad = local_bad | sent_bad
-                used[-1] = local_bad.to(used.dtype)
-                self.comm.mean_([used] + self._buffers, group, ranks, self.phase, wire=False)
+                grads = [p.grad for p in params]
+                if not self._reducer.tail_sent:  # a narrower wire, or another dtype
+                    tail = self._tail_of(params)(self._reducer.used, sent_bad)
+                    self.comm.mean_(tail, group, ranks, self.phase, wire=False)
+                used, local_bad, own_buffers = self._tail_state
+                self._tail_state = None
             else:
+                grads = []
+                flags: list[float] = []
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                        flags.append(0.0)
+                    else:
+                        flags.append(1.0)
+                    grads.append(p.grad)
+                kind = grads[0] if grads else torch.empty(0, device=self.comm.device)
+                # One "used" flag per trained tensor, and last the number of ranks whose own
+                # gradients are non-finite: it rides in the gradient all-reduce (no extra trip).
+                used = torch.tensor(flags + [0.0], dtype=kind.dtype, device=kind.device)
+                own_buffers = [b.clone() for b in self._buffers]  # small: BatchNorm statistics
                 local_bad = _nonfinite(grads + self._buffers, kind.device)
                 used[-1] = local_bad.to(used.dtype)
                 if self.comm.wire_dtype is None:
@@ -426,6 +443,7 @@ class ABOptimizer(torch.optim.Optimizer):
                     self.comm.mean_(grads, group, ranks, self.phase)
                     self.comm.mean_([used] + self._buffers, group, ranks, self.phase,
                                     wire=False)
+            kind = grads[0] if grads else used
             # The reduced sum can overflow although every rank's own gradients are finite.
             reduced_bad = _nonfinite(grads, kind.device)
             values = torch.cat([used, reduced_bad.to(used.dtype).view(1)]).tolist()

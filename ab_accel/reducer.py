@@ -7,7 +7,9 @@ phase):
 
 * the trained parameters are cut into buckets of at most ``bucket_bytes``, in reverse
   registration order (roughly the order backward produces their gradients), by dtype and
-  device: the same buckets on every rank;
+  device: the same buckets on every rank; the first bucket holds at most
+  ``first_bucket_bytes`` (1 MiB, as DDP's), so the first all-reduce starts early in backward
+  even when the whole model would fit one bucket;
 * a ``post-accumulate-grad`` hook on every trained parameter marks it ready; buckets are
   launched strictly in bucket order (a ready bucket waits for the ones before it), so every
   rank issues the same collectives in the same order, whatever order its gradients arrive in;
@@ -16,6 +18,11 @@ phase):
 * :meth:`finish` (called by ``ABOptimizer.synchronize``) launches what is left (buckets with a
   parameter that got no gradient on this rank: its gradient is zero-filled, as the
   unoverlapped path does) and waits for every bucket;
+* the ``tail`` (given to :meth:`arm`) rides in the last bucket: when it launches, every
+  parameter's "got a gradient" flag is known (the buckets go out in order), and ``tail(used,
+  bad)`` returns the tensors to append (the ABOptimizer's flags, non-finite count and float
+  buffers), so a step makes no extra round trip for them; they are sent separately only when
+  their dtype or device differs from the bucket's, or under a narrower wire dtype;
 * a layer whose parameters got a gradient on no rank of the scope in the last step (a branch
   the model skips) is put in the last buckets from the next step on (``deferred``: the same on
   every rank, since it comes from the reduced flags), so it cannot hold back the buckets after
@@ -41,10 +48,12 @@ class OverlapReducer:
     """Launches the gradient means of one step during backward; see the module docstring."""
 
     def __init__(self, comm: Communicator, bucket_bytes: int,
-                 should_launch: Callable[[], bool]) -> None:
+                 should_launch: Callable[[], bool], first_bucket_bytes: int = 2**20) -> None:
         self.comm = comm
         self.bucket_bytes = int(bucket_bytes)
+        self.first_bucket_bytes = min(int(first_bucket_bytes), self.bucket_bytes)
         self.should_launch = should_launch
+        self._tail: Callable[[dict[int, bool], torch.Tensor], list[torch.Tensor]] | None = None
         self._buckets: list[list[nn.Parameter]] = []
         self._bucket_of: dict[int, int] = {}
         self._hooks: list[Any] = []
@@ -53,12 +62,15 @@ class OverlapReducer:
 
     # ------------------------------------------------------------------ arming
     def arm(self, params: list[nn.Parameter], group: Any, ranks: tuple[int, ...],
-            phase: str, deferred: set[int] | frozenset[int] = frozenset()) -> None:
+            phase: str, deferred: set[int] | frozenset[int] = frozenset(),
+            tail: Callable[[dict[int, bool], torch.Tensor], list[torch.Tensor]] | None = None
+            ) -> None:
         """(Re)build the buckets of ``params`` (the trained parameters, in a rank-independent
         order) for reductions over ``ranks``, and hook them; the parameters whose ids are in
-        ``deferred`` (unused last step) go last. Call after every switch."""
+        ``deferred`` (unused last step) go last; ``tail`` rides in the last bucket (see the
+        module docstring). Call after every switch."""
         self.disarm()
-        self._scope = (group, ranks, phase)
+        self._scope, self._tail = (group, ranks, phase), tail
         if len(ranks) <= 1 or not self.comm.active():
             return
         ordered = list(reversed(params))
@@ -72,7 +84,8 @@ class OverlapReducer:
             size = 0
             for p in kind_params:
                 nbytes = p.numel() * p.element_size()
-                if bucket and size + nbytes > self.bucket_bytes:
+                cap = self.bucket_bytes if self._buckets else self.first_bucket_bytes
+                if bucket and size + nbytes > cap:
                     self._buckets.append(bucket)
                     bucket, size = [], 0
                 bucket.append(p)
@@ -101,6 +114,8 @@ class OverlapReducer:
         self._pending: list[PendingMean] = []
         self._next = 0
         self._local_bad: torch.Tensor | None = None
+        self._used: dict[int, bool] = {}
+        self.tail_sent, self.used = False, {}
 
     # ------------------------------------------------------------------ during backward
     def _ready(self, param: torch.Tensor) -> None:
@@ -124,12 +139,19 @@ class OverlapReducer:
         group, ranks, phase = self._scope
         grads = []
         for p in self._buckets[index]:
+            self._used[id(p)] = p.grad is not None
             if p.grad is None:  # no gradient on this rank: it counts as zero (as unoverlapped)
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
         bad = ~torch.stack([torch.isfinite(g).all() for g in grads]).all()
         self._local_bad = bad if self._local_bad is None else self._local_bad | bad
-        self._pending.append(self.comm.launch_mean(grads, group, ranks, phase))
+        tensors = grads
+        if self._tail is not None and index == len(self._buckets) - 1:
+            extra = self._tail(self._used, self._local_bad)
+            kind = (grads[0].dtype, grads[0].device)
+            if self.comm.wire_dtype is None and all((t.dtype, t.device) == kind for t in extra):
+                tensors, self.tail_sent = grads + extra, True
+        self._pending.append(self.comm.launch_mean(tensors, group, ranks, phase))
         self._next = index + 1
 
     # ------------------------------------------------------------------ at the step
@@ -140,8 +162,11 @@ class OverlapReducer:
             self._launch(self._next)
         for pending in self._pending:
             pending.wait()
-        bad = self._local_bad
+        bad, sent, used = self._local_bad, self.tail_sent, self._used
         self._reset_step()
+        #: after finish(): whether the tail rode in the last bucket, and which parameters had
+        #: a gradient of their own on this rank (by id)
+        self.tail_sent, self.used = sent, used
         return bad
 
 

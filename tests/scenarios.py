@@ -613,7 +613,8 @@ def meter_keeps_the_bytes_of_every_step(rank: int, world: int) -> dict[str, Any]
         loss_of(model, rank, step).backward()
         opt.step()
     return {"per_step": opt.traffic.per_step, "summary": opt.traffic.summary(),
-            "phases": [str(opt.schedule.phase(t)) for t in range(9)], "report": opt.report()}
+            "phases": [str(opt.schedule.phase(t)) for t in range(9)], "report": opt.report(),
+            "records": opt.traffic.records}
 
 
 def accelerate_state_saved_whole_and_checked(rank: int, world: int, tmp: str) -> dict[str, Any]:

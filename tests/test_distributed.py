@@ -359,8 +359,12 @@ def test_a_bf16_or_fp16_wire_halves_the_gradient_bytes_and_stays_close():
                 kinds = {d for _, d in low["sizes"][t]}
                 assert wire_dtype in kinds and "torch.float32" in kinds, kinds
                 grad_bytes = sum(b for b, d in low["sizes"][t] if d == wire_dtype)
-                fp32_grad_bytes = sum(b for b, _ in fp32["sizes"][t][:-1])
+                # fp32: the flags and buffers ride in the last gradient bucket; under a narrow
+                # wire they go on their own, in fp32 (the same bytes)
+                tail_bytes = sum(b for b, d in low["sizes"][t] if d == "torch.float32")
+                fp32_grad_bytes = sum(b for b, _ in fp32["sizes"][t]) - tail_bytes
                 assert grad_bytes * 2 == fp32_grad_bytes
+                assert len(low["sizes"][t]) == len(fp32["sizes"][t]) + 1  # + the flags' trip
             tol = 1e-2 if name == "bf16" else 2e-3
             for a, b in zip(fp32["grads"][:1], low["grads"][:1], strict=True):
                 for k in a:
@@ -400,3 +404,8 @@ def test_the_meter_keeps_each_steps_bytes_and_the_report_says_what_ran():
     assert report["compression"]["factorized_ratio"] > 1 and "at step 6" in \
         report["compression"]["of"]
     json.dumps(report)  # plain JSON data
+    # One collective per dense step: the "used" flags, the non-finite count and the BatchNorm
+    # buffers ride in the overlapped reduction's last (here: only) gradient bucket.
+    calls = {(r["phase"], len(r["group"])): r["calls"] for r in r0["records"]
+             if r["op"] == "all_reduce"}
+    assert calls[("warmup", 2)] == 2 and calls[("rebound", 2)] == 1  # 2 warm-up, 1 rebound step
