@@ -139,6 +139,13 @@ class ABConfig:
         default=25.0,
         metadata={"help": "Size of one overlapped gradient bucket in MiB (DDP's default is 25)."},
     )
+    first_bucket_mb: float = field(
+        default=1.0,
+        metadata={"help": "Size of the first overlapped bucket in MiB (at most bucket_mb), so "
+                          "the first all-reduce starts early in backward. DDP's is 1 by "
+                          "default and bucket_cap_mb when that is given: set both to DDP's "
+                          "bucket_cap_mb for the same bucket layout."},
+    )
     comm_dtype: str | None = field(
         default=None,
         metadata={"help": "The dtype on the wire: 'bf16' or 'fp16' halve the bytes of "
@@ -281,6 +288,10 @@ class ABConfig:
                 or self.bucket_mb <= 0:
             raise ABConfigError(f"ab_training.bucket_mb must be a number of MiB > 0, got "
                                 f"{self.bucket_mb!r}.")
+        if isinstance(self.first_bucket_mb, bool) or not isinstance(
+                self.first_bucket_mb, (int, float)) or self.first_bucket_mb <= 0:
+            raise ABConfigError(f"ab_training.first_bucket_mb must be a number of MiB > 0, got "
+                                f"{self.first_bucket_mb!r}.")
         if self.comm_dtype in ("none", "None", "fp32"):
             self.comm_dtype = None
         if self.comm_dtype not in (None, "bf16", "fp16"):

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .comm import Communicator, TrafficMeter
+from .comm import Communicator, TrafficMeter, nonfinite
 from .config import ABConfig
 from .groups import ABGroups, build_groups
 from .layers import ABLayer
@@ -250,8 +250,9 @@ class ABOptimizer(torch.optim.Optimizer):
             raise ValueError(f"The model has no AB layers: {why_nothing_to_factorize(model)}")
         self.groups = build_groups(self.config, world=self.process_group)
         if self.config.overlap:
-            self._reducer = OverlapReducer(self.comm, int(self.config.bucket_mb * 2**20),
-                                           self._should_launch)
+            self._reducer = OverlapReducer(
+                self.comm, int(self.config.bucket_mb * 2**20), self._should_launch,
+                first_bucket_bytes=int(self.config.first_bucket_mb * 2**20))
         first = next(iter(model.parameters()), None)
         if first is not None:  # NCCL reduces CUDA tensors only: ab_accel's own small tensors
             self.comm.device = first.device  # (ranks, digests, flags) live with the model
@@ -356,7 +357,7 @@ class ABOptimizer(torch.optim.Optimizer):
         def tail(used: dict[int, bool], bad: torch.Tensor) -> list[torch.Tensor]:
             kind = params[0] if params else torch.empty(0, device=self.comm.device)
             flags = [1.0 if used.get(id(p), False) else 0.0 for p in params]
-            local_bad = bad | _nonfinite(self._buffers, kind.device)
+            local_bad = bad | nonfinite(self._buffers, kind.device)
             flag_tensor = torch.tensor(flags + [0.0], dtype=kind.dtype, device=kind.device)
             flag_tensor[-1] = local_bad.to(flag_tensor.dtype)
             self._tail_state = (flag_tensor, local_bad, [b.clone() for b in self._buffers])
@@ -435,7 +436,7 @@ class ABOptimizer(torch.optim.Optimizer):
                 # gradients are non-finite: it rides in the gradient all-reduce (no extra trip).
                 used = torch.tensor(flags + [0.0], dtype=kind.dtype, device=kind.device)
                 own_buffers = [b.clone() for b in self._buffers]  # small: BatchNorm statistics
-                local_bad = _nonfinite(grads + self._buffers, kind.device)
+                local_bad = nonfinite(grads + self._buffers, kind.device)
                 used[-1] = local_bad.to(used.dtype)
                 if self.comm.wire_dtype is None:
                     self.comm.mean_(grads + [used] + self._buffers, group, ranks, self.phase)
@@ -445,7 +446,7 @@ class ABOptimizer(torch.optim.Optimizer):
                                     wire=False)
             kind = grads[0] if grads else used
             # The reduced sum can overflow although every rank's own gradients are finite.
-            reduced_bad = _nonfinite(grads, kind.device)
+            reduced_bad = nonfinite(grads, kind.device)
             values = torch.cat([used, reduced_bad.to(used.dtype).view(1)]).tolist()
             for p, u in zip(params, values[:-2], strict=True):
                 if u == 0.0:
@@ -464,7 +465,7 @@ class ABOptimizer(torch.optim.Optimizer):
                                    round(values[-2] * len(ranks)), group, ranks)
         else:
             grads = [p.grad for p in params if p.grad is not None]
-            self._skip = bool(_nonfinite(grads, self.comm.device).item())
+            self._skip = bool(nonfinite(grads, self.comm.device).item())
             self._nonfinite_ranks = [0] if self._skip else []
         self._reduced = True
 
@@ -488,6 +489,8 @@ class ABOptimizer(torch.optim.Optimizer):
     def _learn_unused(self, params: list[nn.Parameter], used: list[float]) -> None:
         """Modules that got no gradient on any rank of the scope go to the last buckets from
         the next step on (the flags are the reduced ones: every rank learns the same)."""
+        if all(used) and not self._unused_layers.get(self._scope()[1]):
+            return  # the common step: everything got a gradient, as in the last one
         names = self._module_of_params()
         unused = {names.get(id(p), "") for p, u in zip(params, used, strict=True) if u == 0.0}
         used_layers = {names.get(id(p), "") for p, u in zip(params, used, strict=True) if u}
@@ -571,7 +574,7 @@ class ABOptimizer(torch.optim.Optimizer):
     def _check_finite(self, event: Event, tensors: list[torch.Tensor]) -> None:
         """Refuse a switch on non-finite tensors (one flag over the world), before anything
         is averaged or factorized, so that no rank ever receives the NaN of another."""
-        local = bool(_nonfinite(tensors, self.comm.device).item())
+        local = bool(nonfinite(tensors, self.comm.device).item())
         world, ranks = self.groups.world, self._world_ranks
         if not self.comm.max_int([int(local)], world, ranks, TrafficLabel.SYNC)[0]:
             return
@@ -820,13 +823,6 @@ class ABOptimizer(torch.optim.Optimizer):
         self.switches = [Switch.from_dict(sw) for sw in ab.get("switches", [])]
         self.skipped_steps = int(ab.get("skipped_steps", 0))
         self.consecutive_skips = int(ab.get("consecutive_skips", 0))
-
-
-def _nonfinite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """A 0-d bool tensor: does any of ``tensors`` hold a NaN or an inf? (No host sync.)"""
-    if not tensors:
-        return torch.zeros((), dtype=torch.bool, device=device)
-    return ~torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
 def _unique_params(model: nn.Module) -> Iterable[nn.Parameter]:

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .comm import Communicator, PendingMean
+from .comm import Communicator, PendingMean, nonfinite
 
 
 class OverlapReducer:
@@ -143,7 +143,7 @@ class OverlapReducer:
             if p.grad is None:  # no gradient on this rank: it counts as zero (as unoverlapped)
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        bad = ~torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        bad = nonfinite(grads, grads[0].device)
         self._local_bad = bad if self._local_bad is None else self._local_bad | bad
         tensors = grads
         if self._tail is not None and index == len(self._buckets) - 1:

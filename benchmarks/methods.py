@@ -55,6 +55,9 @@ _DILOCO = re.compile(r"^diloco(?:-h(\d+))?$")
 _WIRE_DTYPES = ("bf16", "fp16")
 #: The clock that is not a training method (see the module docstring).
 LOCAL = "local"
+#: DDP's bucket size for every DDP-based method, and AB's too (first bucket included): one
+#: bucket for these models, the same layout on both sides.
+DDP_BUCKET_MB = 25.0
 
 
 @dataclass
@@ -122,7 +125,9 @@ def ab_config(mode: str, knobs: Knobs, comm_dtype: str | None = None) -> ABConfi
                     rebound_steps=knobs.ab_rebound, lr_rebound_steps=knobs.ab_lr_rebound,
                     rank_cutoff=knobs.rank_cutoff, group_size=knobs.ab_group_size,
                     sync_mode=mode, orthogonal_init=knobs.orthogonal_init,
-                    comm_dtype=comm_dtype)
+                    comm_dtype=comm_dtype,
+                    # the bucket layout of the benchmark's DDP (bucket_cap_mb=25, see _ddp)
+                    bucket_mb=DDP_BUCKET_MB, first_bucket_mb=DDP_BUCKET_MB)
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, knobs: Knobs
@@ -245,7 +250,7 @@ def _ddp(model: nn.Module) -> DDP:
     # get one bucket. PowerSGD needs that on gloo: its hook issues collectives from future
     # callbacks, and with several buckets their order can differ between ranks (gloo aborts:
     # "Received data size doesn't match expected size"; seen here with two buckets).
-    return DDP(model, bucket_cap_mb=25)
+    return DDP(model, bucket_cap_mb=DDP_BUCKET_MB)
 
 
 def _build_ddp(name: str, model: nn.Module, knobs: Knobs) -> Method:

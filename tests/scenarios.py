@@ -537,7 +537,8 @@ def overlap_vs_after_backward(rank: int, world: int) -> dict[str, Any]:
             for _ in range(24)]
     for name, extra in (("after", {"overlap": False}), ("overlap", {"overlap": True}),
                         ("bf16", {"comm_dtype": "bf16"}), ("fp16", {"comm_dtype": "fp16"}),
-                        ("fp32_after", {"overlap": False, "comm_dtype": None})):
+                        ("fp32_after", {"overlap": False, "comm_dtype": None}),
+                        ("first_small", {"first_bucket_mb": 2**-10})):
         cfg = ABConfig(warmup_steps=2, sync_every=4, rebound_steps=1, lr_rebound_steps=0,
                        rank_cutoff=0.3, bucket_mb=0.01, **extra)
         torch.manual_seed(0)

@@ -336,6 +336,17 @@ def test_overlapped_reduction_equals_the_reduction_after_backward(world):
                     assert torch.equal(a[k], b[k]), k
                 else:           # a ring's summation order follows the buffer layout
                     torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+        # first_bucket_mb caps the first bucket only: the same bytes, one bucket more
+        small = res["first_small"]
+        for t in range(2):  # warm-up steps
+            first, rest = small["sizes"][t][0][0], [b for b, _ in small["sizes"][t][1:]]
+            assert first <= 1024 < over["sizes"][t][0][0]
+            assert first + rest[0] == over["sizes"][t][0][0]
+            assert rest[1:] == [b for b, _ in over["sizes"][t][1:]]
+        for a, b in zip(over["grads"], small["grads"], strict=True):
+            for k in a:
+                if a[k] is not None:
+                    torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
         assert all(v is None for g in over["grads"] for k, v in g.items()  # unused everywhere
                    if k.startswith("never."))
         assert all(g["extra.weight"] is not None for g in over["grads"][:2])  # used on rank 0

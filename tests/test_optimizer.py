@@ -200,3 +200,24 @@ def test_switch_time_is_recorded_by_event():
     assert all(v > 0 for v in opt.switch_seconds.values())
     assert 0 < opt.svd_seconds <= opt.switch_seconds["factorize"]
     assert opt.last_switch.event == "factorize" and opt.last_switch.step == 7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_nonfinite_sees_every_nan_and_inf_and_no_large_finite_values(dtype):
+    """The step's finiteness check reads sums: each NaN, +inf, -inf, and +inf beside -inf (whose
+    sum is NaN) is seen in any position; finite values whose sum exceeds fp16's range are not
+    flagged (half tensors are summed in float32)."""
+    from ab_accel.comm import nonfinite
+
+    cpu = torch.device("cpu")
+    big = torch.full((4096,), 6e4, dtype=dtype)  # finite in fp16; their sum (2.5e8) is not
+    clean = [torch.randn(7, 5).to(dtype), big, torch.zeros(3, dtype=dtype)]
+    assert not bool(nonfinite(clean, cpu)) and not bool(nonfinite([], cpu))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for where in range(len(clean)):
+            tensors = [t.clone() for t in clean]
+            tensors[where].view(-1)[-1] = bad
+            assert bool(nonfinite(tensors, cpu)), (bad, where)
+    both = torch.zeros(4, dtype=dtype)
+    both[0], both[3] = float("inf"), float("-inf")
+    assert bool(nonfinite([both], cpu))
