@@ -55,7 +55,7 @@ from .checkpoint import SHARDS_DIR, load_checkpoint, save_checkpoint
 from .config import DEEPSPEED_KEY, ABConfig, ABConfigError, resolve_config
 from .ddp import hand_reduction_to_ab, ignore_factorized_weights
 from .deepspeed import attach, check_config, load_ds_config
-from .model import compression, convert
+from .model import compression, convert, merge
 from .optimizer import ABOptimizer
 from .schedule import ABSchedule
 from .vocab import Phase
@@ -185,6 +185,34 @@ class ABTrainer(Trainer):
         if self.ab_optimizer is not None:
             self.ab_optimizer.finalize()
         return output
+
+    def save_merged(self, output_dir: str | None = None) -> dict[str, Any]:
+        """The end of a run: the model back as a plain dense transformers model, saved.
+
+        Reconciles the groups if they still differ (:meth:`ABOptimizer.sync_now`: W <- A B on
+        every factored layer, even right after a factorization), merges every AB layer into a
+        dense one of the original type (:func:`ab_accel.merge`; nn.Linear, nn.Conv2d,
+        transformers' Conv1D: ``from_pretrained`` of plain transformers loads the folder), and
+        saves it with ``save_pretrained`` (and the processing class, if the trainer has one)
+        on the main process, into ``output_dir`` (default ``<args.output_dir>/merged``).
+        Collective: every process calls it. Training cannot continue afterwards.
+
+        Returns ``{"dir", "final_sync"}`` (whether this call ran a sync) and, when
+        AB-training ran, ``"compression"``: the dense / AB parameter count of the last
+        factorization (:meth:`ABOptimizer.report`, which says what it is measured on).
+        """
+        out = output_dir or os.path.join(self.args.output_dir, "merged")
+        facts: dict[str, Any] = {"dir": out, "final_sync": False}
+        if self.ab_optimizer is not None:
+            facts["compression"] = self.ab_optimizer.report()["compression"]
+            facts["final_sync"] = self.ab_optimizer.sync_now()
+        merge(self.model)
+        if self.is_world_process_zero():
+            self.model.save_pretrained(out)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(out)
+        self.accelerator.wait_for_everyone()
+        return facts
 
     # ------------------------------------------------------------------ wiring
     def _attach_ab(self, prepared: tuple[Any, ...]) -> None:

@@ -76,11 +76,9 @@ def parse(argv: list[str]) -> tuple[FinetuneArgs, Any]:
 
 def main(argv: list[str]) -> dict[str, Any]:
     import numpy as np
-    import torch
     from transformers import AutoImageProcessor, AutoModelForImageClassification
     from transformers import default_data_collator as collate
 
-    from ab_accel import compression, merge
     from ab_accel.trainer import ABTrainer
 
     args, training = parse(argv)
@@ -122,23 +120,18 @@ def main(argv: list[str]) -> dict[str, Any]:
                         collate([{k: v for k, v in r.items() if k != "index"} for r in rows]))
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
 
-    # The end: reconcile the groups, measure, merge into dense layers, evaluate, save.
-    summary: dict[str, Any] = {"ab_config": trainer.ab_config.to_dict()}
+    # The end: the groups reconciled, the AB layers merged into dense ones, saved; evaluated.
     opt = trainer.ab_optimizer
+    summary: dict[str, Any] = {"ab_config": trainer.ab_config.to_dict()}
     if opt is not None:
-        summary["compression"] = {
-            k: v for k, v in compression(trainer.model).items() if k != "layers"}
-        summary.update(ranks=opt.ranks, final_sync=opt.sync_now(),  # one process too: W <- AB
-                       traffic_rank0=opt.traffic.summary(), step_count=opt.step_count)
-    merge(trainer.model)
-    summary.update(eval=trainer.evaluate(), world_size=max(1, training.world_size),
+        summary.update(ranks=opt.ranks, traffic_rank0=opt.traffic.summary(),
+                       step_count=opt.step_count)
+    summary.update(**trainer.save_merged(), eval=trainer.evaluate(),
+                   world_size=max(1, training.world_size),
                    skipped_images={"train": len(train_ds.warned), "eval": len(eval_ds.warned)})
     if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(os.path.join(training.output_dir, "merged"))
         with open(os.path.join(training.output_dir, "ab_summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2, default=str)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
     return summary
 
 

@@ -142,6 +142,8 @@ def test_ddp_checkpoint_holds_every_group_and_resume_continues_exactly(ddp_run):
 def test_merged_gpt2_loads_in_plain_transformers_with_the_same_outputs(ddp_run):
     for out in ddp_run:
         assert out["final_sync_ran"]  # training ended inside an AB phase
+        assert out["export_final_sync"] is False  # train() had reconciled the groups already
+        assert out["export_compression"] > 1.0  # of the last factorization, not of W <- A B
         assert _equal(out["synced_params"], ddp_run[0]["synced_params"])
         assert "Conv1D" in out["plain_types"]
         assert not any(t.startswith("AB") for t in out["plain_types"])

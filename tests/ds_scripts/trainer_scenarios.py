@@ -82,10 +82,8 @@ def trainer_ddp_gpt2(rank: int, world: int, tmp: str) -> dict[str, Any]:
     """GPT-2 (transformers Conv1D layers) through ABTrainer + DDP: 8 optimizer steps with
     gradient accumulation 2, clipping and eval; checkpoints at 4 (mid-AB phase) and 8. Then a
     second trainer resumes from checkpoint-4 and must end where the first one ended. Then
-    the final sync of train() + merge + save_pretrained, reloaded with plain transformers."""
+    the final sync of train() + ABTrainer.save_merged, reloaded with plain transformers."""
     from transformers import AutoModelForSequenceClassification
-
-    from ab_accel import merge
 
     base = os.path.join(tmp, "gpt2")
     if rank == 0:
@@ -125,18 +123,17 @@ def trainer_ddp_gpt2(rank: int, world: int, tmp: str) -> dict[str, Any]:
     out["resumed_step_count"] = resumed.ab_optimizer.step_count
     out["resumed_traffic"] = rec_b.steps[max(rec_b.steps)]["traffic"]
 
-    # Export: train() reconciled the groups (training stopped inside an AB phase); merge, save.
+    # Export: train() reconciled the groups (training stopped inside an AB phase); merged, saved.
     out["final_sync_ran"] = any(sw.final for sw in opt.switches)
     model = trainer.model.eval()
     x = TokenDataset(8, seed=3).ids
     with torch.no_grad():
         out["ab_logits"] = model(input_ids=x).logits
     out["synced_params"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    merge(model)
-    if rank == 0:
-        model.save_pretrained(os.path.join(tmp, "merged"))
-    dist.barrier()
-    plain = AutoModelForSequenceClassification.from_pretrained(os.path.join(tmp, "merged"))
+    export = trainer.save_merged(os.path.join(tmp, "merged"))
+    out["export_final_sync"], out["export_compression"] = export["final_sync"], \
+        export["compression"]["ratio"]
+    plain = AutoModelForSequenceClassification.from_pretrained(export["dir"])
     with torch.no_grad():
         out["plain_logits"] = plain.eval()(input_ids=x).logits
     out["plain_types"] = sorted({type(m).__name__ for m in plain.modules()})
