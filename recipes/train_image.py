@@ -10,6 +10,7 @@ line, ``ab_accel.prepare`` in place of ``accelerator.prepare``, and at the end
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -276,7 +277,8 @@ def main(recipe: Recipe, argv: Sequence[str]) -> None:
     except (ConfigError, ABConfigError) as exc:
         print(f"{recipe.name}.py: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    finally:
-        dist = sys.modules.get("torch.distributed")  # gloo aborts at interpreter exit otherwise
+    finally:  # the process groups go while the interpreter is whole (gloo's threads can
+        dist = sys.modules.get("torch.distributed")  # abort a process in its teardown)
         if dist is not None and dist.is_available() and dist.is_initialized():
+            gc.collect()  # no optimizer or model left holding a group
             dist.destroy_process_group()

@@ -6,8 +6,10 @@ local port. Results come back through files written with torch.save.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -24,6 +26,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def end_process(code: int = 0) -> None:
+    """Leave a test process whose results are written: destroy the process groups while the
+    interpreter is whole (after a garbage collection, so no optimizer or DDP wrapper keeps one
+    alive), say so on stderr, and exit without the interpreter's teardown.
+
+    gloo's C++ threads have been seen to abort a process that had finished its work ("terminate
+    called without an active exception", SIGABRT) during that teardown, rarely, and the launcher
+    then fails the run. A failure before this point still fails it: only the teardown of a
+    finished process is left out. Every rank calls it (the barrier)."""
+    gc.collect()
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    gc.collect()
+    print(f"rank {rank}: finished", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
 def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple,
             out_dir: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -37,10 +59,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
         torch.save({"ok": True, "result": result}, path)
     except BaseException:  # report every failure to the parent, with its traceback
         torch.save({"ok": False, "error": traceback.format_exc()}, path)
-        raise
-    finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    end_process()
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any,

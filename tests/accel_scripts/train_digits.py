@@ -39,6 +39,9 @@ from ab_accel.accelerate import CHECKPOINT_DIR, ab_optimizer
 from ab_accel.layers import ABLayer
 from ab_accel.model import ab_layers
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from distributed import end_process  # noqa: E402  (tests/distributed.py)
+
 # Schedule: warm-up t in [0, 3); cycle 0: AB t in [3, 6), sync at the end of t = 5, rebound
 # t = 6; cycle 1: factorize at the end of t = 6, AB t in [7, 10), rebound t = 10; cycle 2: AB
 # from t = 11.
@@ -330,9 +333,7 @@ def main() -> None:
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     torch.save(rec, os.path.join(out_dir, f"rank{rec['rank']}.pt"))
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    end_process()
 
 
 if __name__ == "__main__":

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 from ds_scenarios import micro_batch, snapshot, tiny_net
 from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from distributed import end_process  # noqa: E402  (tests/distributed.py)
 
 STEPS = 8
 
@@ -90,8 +94,7 @@ def main() -> None:
     rec = run_accelerate() if args.accelerate else run_deepspeed(args)
     rec["world"] = dist.get_world_size()
     torch.save(rec, os.path.join(args.out, f"rank{dist.get_rank()}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_process()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ from transformers import TrainerCallback, TrainingArguments, ViTConfig, ViTForIm
 
 from ab_accel.trainer import ABTrainer, setup_cpu_deepspeed
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from distributed import end_process  # noqa: E402  (tests/distributed.py)
+
 AB = {"warmup_steps": 2, "sync_every": 4, "rebound_steps": 1, "lr_rebound_steps": 1,
       "rank_cutoff": 0.3, "group_size": 2}
 
@@ -117,8 +120,7 @@ def main() -> None:
     out["resumed_steps"] = rec_b.steps
     out["resumed_step_count"] = resumed.ab_optimizer.step_count
     torch.save(out, os.path.join(work, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_process()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from ab_accel import (  # noqa: E402
     save_checkpoint,
 )
 
+from distributed import end_process  # noqa: E402
 from scenarios import flat_named, loss_of, small_cnn  # noqa: E402
 
 STEPS, EVERY = 16, 3
@@ -74,7 +75,7 @@ def main() -> None:
     if rank == 0:
         torch.save({"params": flat_named(model), "step": opt.step_count,
                     "resumed_from": latest}, os.path.join(args.out, "final.pt"))
-    dist.destroy_process_group()
+    end_process()
 
 
 if __name__ == "__main__":
