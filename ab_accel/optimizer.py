@@ -348,7 +348,10 @@ class ABOptimizer(torch.optim.Optimizer):
         unused = self._unused_layers.get(ranks, self._unused_layers.get(self._world_ranks, set()))
         names = self._module_of_params()
         deferred = {id(p) for p in params if names.get(id(p), "") in unused}
-        self._reducer.arm(params, group, ranks, self.phase, deferred, tail=self._tail_of(params))
+        # Flags alone (no float buffers) may go in the wire dtype: 0 stays 0, and a mean of
+        # 0/1 flags that is not 0 stays positive in bf16 and fp16 alike.
+        self._reducer.arm(params, group, ranks, self.phase, deferred, tail=self._tail_of(params),
+                          tail_on_wire=not self._buffers)
 
     def _tail_of(self, params: list[nn.Parameter]) -> Callable[..., list[torch.Tensor]]:
         """What rides in the overlapped reduction's last bucket: one "used" flag per trained
@@ -416,7 +419,7 @@ class ABOptimizer(torch.optim.Optimizer):
                 # the buffers rode in the last bucket (or, when they could not, go now).
                 sent_bad = self._reducer.finish()
                 grads = [p.grad for p in params]
-                if not self._reducer.tail_sent:  # a narrower wire, or another dtype
+                if not self._reducer.tail_sent:  # another dtype, or buffers beside a narrow wire
                     tail = self._tail_of(params)(self._reducer.used, sent_bad)
                     self.comm.mean_(tail, group, ranks, self.phase, wire=False)
                 used, local_bad, own_buffers = self._tail_state
@@ -438,7 +441,7 @@ class ABOptimizer(torch.optim.Optimizer):
                 own_buffers = [b.clone() for b in self._buffers]  # small: BatchNorm statistics
                 local_bad = nonfinite(grads + self._buffers, kind.device)
                 used[-1] = local_bad.to(used.dtype)
-                if self.comm.wire_dtype is None:
+                if self.comm.wire_dtype is None or not self._buffers:  # flags: any wire
                     self.comm.mean_(grads + [used] + self._buffers, group, ranks, self.phase)
                 else:
                     self.comm.mean_(grads, group, ranks, self.phase)

@@ -22,7 +22,9 @@ phase):
   parameter's "got a gradient" flag is known (the buckets go out in order), and ``tail(used,
   bad)`` returns the tensors to append (the ABOptimizer's flags, non-finite count and float
   buffers), so a step makes no extra round trip for them; they are sent separately only when
-  their dtype or device differs from the bucket's, or under a narrower wire dtype;
+  their dtype or device differs from the bucket's, or under a narrower wire dtype unless
+  ``tail_on_wire`` (given to :meth:`arm`: flags only, whose zero / non-zero survives any wire
+  dtype; float buffers travel in their own precision);
 * a layer whose parameters got a gradient on no rank of the scope in the last step (a branch
   the model skips) is put in the last buckets from the next step on (``deferred``: the same on
   every rank, since it comes from the reduced flags), so it cannot hold back the buckets after
@@ -63,14 +65,14 @@ class OverlapReducer:
     # ------------------------------------------------------------------ arming
     def arm(self, params: list[nn.Parameter], group: Any, ranks: tuple[int, ...],
             phase: str, deferred: set[int] | frozenset[int] = frozenset(),
-            tail: Callable[[dict[int, bool], torch.Tensor], list[torch.Tensor]] | None = None
-            ) -> None:
+            tail: Callable[[dict[int, bool], torch.Tensor], list[torch.Tensor]] | None = None,
+            tail_on_wire: bool = False) -> None:
         """(Re)build the buckets of ``params`` (the trained parameters, in a rank-independent
         order) for reductions over ``ranks``, and hook them; the parameters whose ids are in
         ``deferred`` (unused last step) go last; ``tail`` rides in the last bucket (see the
         module docstring). Call after every switch."""
         self.disarm()
-        self._scope, self._tail = (group, ranks, phase), tail
+        self._scope, self._tail, self._tail_on_wire = (group, ranks, phase), tail, tail_on_wire
         if len(ranks) <= 1 or not self.comm.active():
             return
         ordered = list(reversed(params))
@@ -149,7 +151,8 @@ class OverlapReducer:
         if self._tail is not None and index == len(self._buckets) - 1:
             extra = self._tail(self._used, self._local_bad)
             kind = (grads[0].dtype, grads[0].device)
-            if self.comm.wire_dtype is None and all((t.dtype, t.device) == kind for t in extra):
+            wire_ok = self.comm.wire_dtype is None or self._tail_on_wire
+            if wire_ok and all((t.dtype, t.device) == kind for t in extra):
                 tensors, self.tail_sent = grads + extra, True
         self._pending.append(self.comm.launch_mean(tensors, group, ranks, phase))
         self._next = index + 1

@@ -578,6 +578,29 @@ def overlap_vs_after_backward(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def wire_dtype_with_buffers(rank: int, world: int) -> dict[str, Any]:
+    """Warm-up steps of small_cnn (BatchNorm: float buffers) with the fp32 and the bf16 wire:
+    every collective of each step (bytes, dtype) and the buffers after the first step."""
+    out: dict[str, Any] = {}
+    for name, dtype in (("fp32", None), ("bf16", "bf16")):
+        cfg = ABConfig(warmup_steps=10, sync_every=4, rebound_steps=1, comm_dtype=dtype)
+        torch.manual_seed(0)
+        model = convert(small_cnn(), cfg)
+        opt = ABOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, cfg)
+        spy, sizes, buffers = CollectiveSpy(), [], None
+        for t in range(3):
+            spy.sizes.clear()
+            with spy:
+                loss_of(model, rank, t).backward()
+                opt.step()
+            sizes.append(spy.sizes[:])
+            opt.zero_grad()
+            if t == 0:
+                buffers = {n: b.clone() for n, b in model.named_buffers() if b.is_floating_point()}
+        out[name] = {"sizes": sizes, "buffers": buffers}
+    return out
+
+
 def ddp_traffic_counts_what_ddp_sends(rank: int, world: int) -> dict[str, Any]:
     """Plain DDP with ab_accel.ddp.DDPTraffic's comm hook: 3 SGD steps of small_cnn (BatchNorm
     buffers, broadcast by DDP before every forward)."""

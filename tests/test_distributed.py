@@ -364,23 +364,30 @@ def test_a_bf16_or_fp16_wire_halves_the_gradient_bytes_and_stays_close():
         for name in ("bf16", "fp16"):
             low = res[name]
             wire_dtype = "torch.bfloat16" if name == "bf16" else "torch.float16"
-            for t in range(8):  # the gradient buckets go in the wire dtype, the flags do not
-                if low["scopes"][t] == 1:
+            for t in range(8):  # the buckets go in the wire dtype, with the step's flags in
+                if low["scopes"][t] == 1:  # the last one (this model has no float buffers)
                     continue  # an AB step of a 2-rank world: groups of one, nothing sent
-                kinds = {d for _, d in low["sizes"][t]}
-                assert wire_dtype in kinds and "torch.float32" in kinds, kinds
-                grad_bytes = sum(b for b, d in low["sizes"][t] if d == wire_dtype)
-                # fp32: the flags and buffers ride in the last gradient bucket; under a narrow
-                # wire they go on their own, in fp32 (the same bytes)
-                tail_bytes = sum(b for b, d in low["sizes"][t] if d == "torch.float32")
-                fp32_grad_bytes = sum(b for b, _ in fp32["sizes"][t]) - tail_bytes
-                assert grad_bytes * 2 == fp32_grad_bytes
-                assert len(low["sizes"][t]) == len(fp32["sizes"][t]) + 1  # + the flags' trip
+                assert {d for _, d in low["sizes"][t]} == {wire_dtype}
+                assert [b * 2 for b, _ in low["sizes"][t]] == [b for b, _ in fp32["sizes"][t]]
             tol = 1e-2 if name == "bf16" else 2e-3
             for a, b in zip(fp32["grads"][:1], low["grads"][:1], strict=True):
                 for k in a:
                     if a[k] is not None:
                         torch.testing.assert_close(b[k], a[k], rtol=tol, atol=tol * 1e-2)
+
+
+def test_a_narrow_wire_sends_float_buffers_and_flags_in_their_own_precision():
+    for res in run_distributed(scenarios.wire_dtype_with_buffers, 2):
+        fp32, bf16 = res["fp32"], res["bf16"]
+        for t in range(3):  # warm-up steps
+            # fp32: one trip, the flags and BatchNorm statistics in the last gradient bucket;
+            # bf16: the gradients in bf16 (half the bytes), then the flags and statistics in fp32
+            assert [d for _, d in fp32["sizes"][t]] == ["torch.float32"]
+            assert [d for _, d in bf16["sizes"][t]] == ["torch.bfloat16", "torch.float32"]
+            grads, tail = bf16["sizes"][t][0][0], bf16["sizes"][t][1][0]
+            assert grads * 2 + tail == fp32["sizes"][t][0][0]
+        for name, buf in fp32["buffers"].items():  # the statistics' mean is exact in both
+            assert torch.equal(buf, bf16["buffers"][name]), name
 
 
 def test_ddp_traffic_counts_every_bucket_and_buffer_broadcast_and_still_reduces():
