@@ -31,10 +31,12 @@ def end_process(code: int = 0) -> None:
     interpreter is whole (after a garbage collection, so no optimizer or DDP wrapper keeps one
     alive), say so on stderr, and exit without the interpreter's teardown.
 
-    gloo's C++ threads have been seen to abort a process that had finished its work ("terminate
-    called without an active exception", SIGABRT) during that teardown, rarely, and the launcher
-    then fails the run. A failure before this point still fails it: only the teardown of a
-    finished process is left out. Every rank calls it (the barrier)."""
+    Twice in many runs one rank of a test run died with SIGABRT from gloo's C++ side
+    ("terminate called without an active exception"), which fails the whole run; where in the
+    process was not seen (the scripts printed nothing). The interpreter's teardown, with process
+    groups still referenced, is where such aborts are known to happen, so it is left out here; a
+    failure before this point still fails the run, and the ``finished`` lines on stderr now say
+    which ranks got this far. Every rank calls it (the barrier)."""
     gc.collect()
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if dist.is_available() and dist.is_initialized():
