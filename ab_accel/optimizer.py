@@ -354,9 +354,10 @@ class ABOptimizer(torch.optim.Optimizer):
                           tail_on_wire=not self._buffers)
 
     def _tail_of(self, params: list[nn.Parameter]) -> Callable[..., list[torch.Tensor]]:
-        """What rides in the overlapped reduction's last bucket: one "used" flag per trained
-        tensor and last the non-finite flag of this rank (gradients and buffers), then the
-        float buffers; ``self._tail_state`` keeps them for :meth:`synchronize`."""
+        """What rides with the step's gradients (in the overlapped reduction's last bucket, or
+        in the all-reduce after backward): one "used" flag per trained tensor and last the
+        non-finite flag of this rank (gradients and buffers), then the float buffers;
+        ``self._tail_state`` keeps them for :meth:`synchronize`."""
         def tail(used: dict[int, bool], bad: torch.Tensor) -> list[torch.Tensor]:
             kind = params[0] if params else torch.empty(0, device=self.comm.device)
             flags = [1.0 if used.get(id(p), False) else 0.0 for p in params]
@@ -425,28 +426,21 @@ class ABOptimizer(torch.optim.Optimizer):
                 used, local_bad, own_buffers = self._tail_state
                 self._tail_state = None
             else:
-                grads = []
-                flags: list[float] = []
+                # After backward: the same tail (flags, non-finite count, buffers) rides in the
+                # gradient all-reduce, or beside it under a narrow wire with float buffers.
+                had = {id(p): p.grad is not None for p in params}
                 for p in params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                        flags.append(0.0)
-                    else:
-                        flags.append(1.0)
-                    grads.append(p.grad)
-                kind = grads[0] if grads else torch.empty(0, device=self.comm.device)
-                # One "used" flag per trained tensor, and last the number of ranks whose own
-                # gradients are non-finite: it rides in the gradient all-reduce (no extra trip).
-                used = torch.tensor(flags + [0.0], dtype=kind.dtype, device=kind.device)
-                own_buffers = [b.clone() for b in self._buffers]  # small: BatchNorm statistics
-                local_bad = nonfinite(grads + self._buffers, kind.device)
-                used[-1] = local_bad.to(used.dtype)
+                grads = [p.grad for p in params]
+                tail = self._tail_of(params)(had, nonfinite(grads, self.comm.device))
                 if self.comm.wire_dtype is None or not self._buffers:  # flags: any wire
-                    self.comm.mean_(grads + [used] + self._buffers, group, ranks, self.phase)
+                    self.comm.mean_(grads + tail, group, ranks, self.phase)
                 else:
                     self.comm.mean_(grads, group, ranks, self.phase)
-                    self.comm.mean_([used] + self._buffers, group, ranks, self.phase,
-                                    wire=False)
+                    self.comm.mean_(tail, group, ranks, self.phase, wire=False)
+                used, local_bad, own_buffers = self._tail_state
+                self._tail_state = None
             kind = grads[0] if grads else used
             # The reduced sum can overflow although every rank's own gradients are finite.
             reduced_bad = nonfinite(grads, kind.device)
