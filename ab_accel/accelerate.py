@@ -449,6 +449,45 @@ def check_launch(environ: Any = None) -> None:
             "configs/accelerate_cpu.yaml`.")
 
 
+# ---------------------------------------------------------------------------------- the end
+def save_merged(accelerator: Any, model: Any, optimizer: Any = None,
+                output_dir: str | os.PathLike | None = None, *, processor: Any = None
+                ) -> dict[str, Any]:
+    """The end of an Accelerate run in one call: the model back as plain dense layers, saved.
+
+    With the optimizer :func:`prepare` returned (None or a plain one: AB-training was off),
+    :meth:`ABOptimizer.finalize` reconciles the groups if the run stopped inside an AB phase
+    (one sync, metered); then :func:`ab_accel.merge` turns every AB layer of the unwrapped
+    model into a dense one of its original type (W = A B) on every process, and the main
+    process saves it with ``save_pretrained`` (plus ``processor.save_pretrained``: an image
+    processor or tokenizer) into ``output_dir`` (None: nothing is saved). Plain transformers
+    loads the folder. Collective: every process calls it. Training cannot continue afterwards;
+    evaluate ``accelerator.unwrap_model(model)``, the merged model. Returns ``{"dir",
+    "final_sync"}`` (whether this call ran a sync) and, when AB-training ran,
+    ``"compression"``: the dense / AB parameter count of the last factorization
+    (:meth:`ABOptimizer.report`, which says what it is measured on).
+    """
+    from .model import merge
+
+    opt = None
+    if optimizer is not None:
+        try:
+            opt = ab_optimizer(optimizer)
+        except TypeError:
+            pass  # a plain optimizer: AB-training off
+    facts: dict[str, Any] = {"dir": os.fspath(output_dir) if output_dir else None,
+                             "final_sync": bool(opt and opt.finalize())}
+    if opt is not None:
+        facts["compression"] = opt.report()["compression"]
+    unwrapped = merge(accelerator.unwrap_model(model, keep_fp32_wrapper=False))
+    if output_dir and accelerator.is_main_process:
+        unwrapped.save_pretrained(output_dir)
+        if processor is not None:
+            processor.save_pretrained(output_dir)
+    accelerator.wait_for_everyone()
+    return facts
+
+
 # ---------------------------------------------------------------------------------- checkpoints
 def save_state(accelerator: Any, directory: str | os.PathLike, meta: Any = None) -> str:
     """``accelerator.save_state(directory)``, atomically: a folder named ``directory`` is whole.
@@ -521,4 +560,4 @@ def load_state(accelerator: Any, directory: str | os.PathLike) -> Any:
 
 
 __all__ = ["prepare", "ab_optimizer", "ABOptimizerView", "CHECKPOINT_DIR", "check_launch",
-           "save_state", "check_state", "load_state"]
+           "save_merged", "save_state", "check_state", "load_state"]

@@ -182,6 +182,44 @@ class TrafficMeter:
         self._marked = (self.wire_bytes, self.dp_equivalent_wire_bytes)
 
 
+def world_traffic(meter: Any = None) -> dict[str, Any]:
+    """The run's traffic: every rank's meter summed over the world. Collective (every rank).
+
+    ``meter``: this rank's :class:`TrafficMeter` (``ABOptimizer.traffic``), an
+    :class:`ab_accel.ddp.DDPTraffic` (what plain DDP sends), or None (nothing was sent: one
+    process). Returns ``bytes`` and ``wire_bytes`` (payload, and its ring estimate), their
+    ``wire_bytes_by_phase`` and, for a TrafficMeter, ``dp_equivalent_wire_bytes`` (plain DP's
+    wire bytes for the same steps) and ``reduction_vs_dp``, each summed over the ranks;
+    ``per_rank`` (every rank's ``summary()``), ``per_step`` ([wire, DP-equivalent wire] bytes
+    of every step, the mean over the ranks; DP-equivalent 0 for DDPTraffic), ``measured_by``.
+    """
+    if meter is None:
+        mine: tuple[dict[str, Any], list] = ({"bytes": 0, "wire_bytes": 0.0}, [])
+    else:
+        mine = (meter.summary(), [r if isinstance(r, list) else [r, 0.0] for r in meter.per_step])
+    ranks = [mine]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+    summaries = [s for s, _ in ranks]
+    by_phase: dict[str, float] = defaultdict(float)
+    for s in summaries:
+        for phase, wire in s.get("wire_bytes_by_phase", {}).items():
+            by_phase[phase] += wire
+    out: dict[str, Any] = {
+        "bytes": sum(s["bytes"] for s in summaries),
+        "wire_bytes": sum(s["wire_bytes"] for s in summaries),
+        "wire_bytes_by_phase": dict(by_phase), "per_rank": summaries,
+        "per_step": [[sum(col) / len(ranks) for col in zip(*rows, strict=True)]
+                     for rows in zip(*(steps for _, steps in ranks), strict=True)],
+        "measured_by": "nothing sent (one process)" if meter is None else
+        summaries[0].get("measured_by", "ab_accel's traffic meter")}
+    dp = sum(s.get("dp_equivalent_wire_bytes", 0.0) for s in summaries)
+    if dp:
+        out.update(dp_equivalent_wire_bytes=dp, reduction_vs_dp=1.0 - out["wire_bytes"] / dp)
+    return out
+
+
 class Communicator:
     """The reduce helpers. Holds the meter; every collective of ab_accel is one of these calls.
 

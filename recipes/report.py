@@ -143,62 +143,55 @@ def log_start(args: Any, accelerator: Any, model: Any, ab_opt: Any, total_steps:
                 [str(r) for r in plan.roles], ab_opt.schedule.summary(total_steps))
 
 
-def export_merged(model: Any, eval_ds: Any, args: Any, accelerator: Any) -> dict[str, Any]:
-    """Merge the AB layers (every rank: they hold one model now), check the merged model gives
-    the AB model's logits on a probe batch, save_pretrained (main process); the probe and the
-    AB logits go to export_check.pt, to compare a plain-transformers load with."""
+def export_merged(accelerator: Any, model: Any, optimizer: Any, eval_ds: Any, args: Any
+                  ) -> dict[str, Any]:
+    """``ab_accel.accelerate.save_merged`` (the AB layers merged on every rank, save_pretrained
+    with an image processor: pipeline() works on the folder), checked: the merged model gives
+    the AB model's logits on a probe batch. The probe and the AB logits go to export_check.pt,
+    to compare a plain-transformers load with."""
     import torch
     from transformers import ViTImageProcessor
 
-    from ab_accel import merge
+    from ab_accel.accelerate import save_merged
 
-    n = min(8, len(eval_ds))
+    n, net = min(8, len(eval_ds)), accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     probe = torch.stack([eval_ds[i]["pixel_values"] for i in range(n)]).to(accelerator.device)
-    model.eval()
+    net.eval()
     with torch.no_grad():
-        before = model(pixel_values=probe).logits.float()
-        merge(model)
-        after = model(pixel_values=probe).logits.float()
-    out = os.path.join(args.output_dir, "model")
+        before = net(pixel_values=probe).logits.float()
+        facts = save_merged(accelerator, model, optimizer, os.path.join(
+            args.output_dir, "model") if args.save_model else None, processor=ViTImageProcessor(
+            size={"height": args.image_size, "width": args.image_size},
+            image_mean=args.image_mean, image_std=args.image_std))
+        after = net(pixel_values=probe).logits.float()  # merged in place
     if accelerator.is_main_process and args.save_model:
-        model.save_pretrained(out)  # with an image processor: pipeline() works on the folder
-        ViTImageProcessor(size={"height": args.image_size, "width": args.image_size},
-                          image_mean=args.image_mean, image_std=args.image_std).save_pretrained(out)
         torch.save({"pixel_values": probe.cpu(), "logits": before.cpu()},
                    os.path.join(args.output_dir, "export_check.pt"))
-    accelerator.wait_for_everyone()
-    return {"dir": out if args.save_model else None, "probe_images": n,
+    return {"dir": facts["dir"], "probe_images": n,
             "max_abs_logit_diff_ab_vs_merged": float((before - after).abs().max())}
 
 
 def summarize(*, recipe: str, args: Any, ab: dict[str, Any] | None, record: RunLog,
-              per_rank: list[tuple[dict, list]], final: dict[str, Any], classes: int,
-              **facts: Any) -> dict[str, Any]:
+              traffic: dict[str, Any], final: dict[str, Any], classes: int, **facts: Any
+              ) -> dict[str, Any]:
     """summary.json (written once, main process), the printed line, and plot.png.
 
-    ``ab``: ``ABOptimizer.report()`` (None for --no-ab); ``per_rank``: every rank's (traffic
-    summary, [wire, DP-equivalent wire] bytes of every step); ``facts``: further entries
-    (data, export, wall_time_s, ...).
+    ``ab``: ``ABOptimizer.report()`` (None for --no-ab); ``traffic``: every rank's bytes summed
+    (``ab_accel.comm.world_traffic``); ``facts``: further entries (data, export, wall_time_s...).
     """
-    traffic = [t for t, _ in per_rank]
-    wire, dp = (sum(t.get(k, 0.0) for t in traffic) for k in ("wire_bytes",
-                                                               "dp_equivalent_wire_bytes"))
-    by_phase: dict[str, float] = {}
-    for phase, value in (kv for t in traffic for kv in t.get("wire_bytes_by_phase", {}).items()):
-        by_phase[phase] = by_phase.get(phase, 0.0) + value
-    mean = [[sum(col) / len(per_rank) for col in zip(*ranks, strict=True)]  # per step, the
-            for ranks in zip(*(rows for _, rows in per_rank), strict=True)]  # ranks' mean
+    wire, dp = traffic["wire_bytes"], traffic.get("dp_equivalent_wire_bytes", 0.0)
     s: dict[str, Any] = {
-        "recipe": recipe, "ab": ab is not None, "ranks": len(per_rank), "steps": record.step,
+        "recipe": recipe, "ab": ab is not None, "ranks": len(traffic["per_rank"]),
+        "steps": record.step,
         "data_short": os.path.basename(os.path.normpath(args.data_dir)) if args.data_dir
         else args.dataset_name or "digits", **facts,
         "accuracy": {"top1": final["top1"], "top5": final["top5"], "count": final["count"],
                      "of": "the exported (merged) model"},
-        "traffic": {"wire_bytes": wire, "bytes": sum(t["bytes"] for t in traffic),
-                    "wire_bytes_by_phase": by_phase, "per_rank": traffic,
+        "traffic": {**{k: v for k, v in traffic.items() if k != "per_step"},
                     "what": "ring estimate of the bytes all ranks sent (2(g-1)/g of an "
                             "all-reduce's payload over g ranks), summed over the ranks"},
-        "train_time_s": record.elapsed, "bytes_per_step": {"wire": [m[0] for m in mean]},
+        "train_time_s": record.elapsed,
+        "bytes_per_step": {"wire": [w for w, _ in traffic["per_step"]]},
         "history": {"train": record.train, "eval": record.evals},
         "config": dataclasses.asdict(args), "plot": os.path.join(args.output_dir, "plot.png"),
         "skipped_steps": ab["skipped_steps"] if ab else 0,
@@ -206,12 +199,10 @@ def summarize(*, recipe: str, args: Any, ab: dict[str, Any] | None, record: RunL
         "switches": ab["switches"] if ab else [], "sync_steps": ab["sync_steps"] if ab else []}
     if final["top5"] is None:
         s["accuracy"]["top5_note"] = f"top-5 not reported: {classes} classes (it would be 1.0)"
-    if dp:
-        s["traffic"].update(dp_equivalent_wire_bytes=dp, reduction_vs_dp=1.0 - wire / dp)
     if ab is not None:
         s.update(ab_config=ab["config"], layer_ranks_at_end=ab["layer_ranks"],
                  **{k: ab[k] for k in ("group_size", "groups", "roles", "compression")})
-        s["bytes_per_step"]["dp_equivalent_wire"] = [m[1] for m in mean]
+        s["bytes_per_step"]["dp_equivalent_wire"] = [d for _, d in traffic["per_step"]]
     if args.baseline_run:
         base = read_summary(args.baseline_run)
         s["baseline"] = {"steps": base["steps"], "ranks": base["ranks"], "top1": base[
@@ -223,7 +214,7 @@ def summarize(*, recipe: str, args: Any, ab: dict[str, Any] | None, record: RunL
     c = s.get("compression")
     print(f"== {recipe} on {s['data_short']}: {s['ranks']} ranks, {s['steps']} steps, "
           f"{s['wall_time_s']:.0f} s; top-1 {final['top1']:.4f} (the exported merged model); "
-          f"{wire / 2**20:.2f} MiB sent (ring estimate, all ranks, {traffic[0]['measured_by']})"
+          f"{wire / 2**20:.2f} MiB sent (ring estimate, all ranks, {traffic['measured_by']})"
           + (f", {abs(100 * (1 - wire / dp)):.1f}% {'less' if wire <= dp else 'more'} than the "
              f"DP-equivalent count of the same steps" if dp else "")
           + (f"; {s['skipped_steps']} non-finite step(s) skipped" if s["skipped_steps"] else "")

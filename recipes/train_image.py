@@ -105,6 +105,7 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
 
     import ab_accel
     from ab_accel.accelerate import ab_optimizer, check_state, save_state
+    from ab_accel.comm import world_traffic
     from ab_accel.config import DEEPSPEED_KEY
     from ab_accel.ddp import DDPTraffic
 
@@ -236,29 +237,21 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     record.elapsed += time.time() - t0
 
     # ---- the end: one model on every rank, merged export, final evaluation, summary
-    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     final_sync = "in sync"
     if ab_opt is not None and ab_opt.finalize():
         final_sync = f"final sync ({ab_opt.config.sync_mode}): the run stopped mid-AB-phase"
     ab = ab_opt.report() if ab_opt is not None else None  # the AB layers as they end
-    export = report.export_merged(unwrapped, eval_ds, args, accelerator)
+    export = report.export_merged(accelerator, model, optimizer, eval_ds, args)
     final = record.log_eval(report.evaluate(
-        unwrapped, eval_dl, accelerator, len(labels), bad_eval), phase=phase_of(ab_opt),
-        final=True)
-    if ab_opt is not None:
-        traffic = {"measured_by": "ab_accel's traffic meter", **ab_opt.traffic.summary()}
-    else:
-        traffic = ddp.summary() if ddp else {"bytes": 0, "wire_bytes": 0.0,
-                                             "measured_by": "single process: none"}
-    per_step = ab_opt.traffic.per_step if ab_opt else [[w, 0.0] for w in (
-        ddp.per_step if ddp else [0.0] * record.step)]
-    per_rank = gather_object([(traffic, per_step)])
+        accelerator.unwrap_model(model), eval_dl, accelerator, len(labels), bad_eval),
+        phase=phase_of(ab_opt), final=True)
+    traffic = world_traffic(ab_opt.traffic if ab_opt is not None else ddp)  # collective
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
         summary = report.summarize(
-            recipe=recipe.name, args=args, ab=ab, record=record, per_rank=per_rank,
-            final=final, classes=len(labels), export={**export, "final_sync": final_sync},
-            data=data_desc, wall_time_s=time.time() - started,
+            recipe=recipe.name, args=args, ab=ab, record=record, traffic=traffic, final=final,
+            classes=len(labels), export={**export, "final_sync": final_sync}, data=data_desc,
+            wall_time_s=time.time() - started,
             skipped_images={"train": len(bad_train.seen), "eval": final["skipped"]})
     accelerator.wait_for_everyone()
     accelerator.end_training()

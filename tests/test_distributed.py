@@ -404,6 +404,14 @@ def test_ddp_traffic_counts_every_bucket_and_buffer_broadcast_and_still_reduces(
     # The counting hook still runs the all-reduce: different data, the same averaged gradients.
     for a, b in zip(results[0]["grads"], results[1]["grads"], strict=True):
         assert torch.equal(a, b)
+    # world_traffic: both ranks' counts summed, the same answer on every rank; per step the mean
+    world = results[0]["world"]
+    assert world == results[1]["world"] and len(world["per_rank"]) == 2
+    assert world["bytes"] == sum(r["summary"]["bytes"] for r in results)
+    assert world["wire_bytes"] == pytest.approx(sum(r["wire"] for r in results))
+    assert [w for w, _ in world["per_step"]] == pytest.approx(
+        [(a + b) / 2 for a, b in zip(results[0]["per_step"], results[1]["per_step"], strict=True)])
+    assert "reduction_vs_dp" not in world and world["measured_by"].startswith("DDP comm hook")
 
 
 def test_the_meter_keeps_each_steps_bytes_and_the_report_says_what_ran():
@@ -412,6 +420,14 @@ def test_the_meter_keeps_each_steps_bytes_and_the_report_says_what_ran():
     assert len(per_step) == 9 and per_step == r1["per_step"]
     assert sum(w for w, _ in per_step) == pytest.approx(total["wire_bytes"])
     assert sum(d for _, d in per_step) == pytest.approx(total["dp_equivalent_wire_bytes"])
+    world = r0["world"]  # world_traffic: the two ranks' meters summed
+    assert world == r1["world"] and world["per_step"] == [  # the mean of equal rows
+        [(a + b) / 2 for a, b in zip(x, y, strict=True)]
+        for x, y in zip(per_step, r1["per_step"], strict=True)]
+    assert world["wire_bytes"] == pytest.approx(2 * total["wire_bytes"])
+    assert world["wire_bytes_by_phase"]["ab"] == pytest.approx(
+        r0["summary"]["wire_bytes_by_phase"]["ab"] + r1["summary"]["wire_bytes_by_phase"]["ab"])
+    assert world["reduction_vs_dp"] == pytest.approx(total["reduction"])
     assert r0["phases"][3] == r0["phases"][7] == "ab"  # steps that end on no switch
     assert per_step[3][0] < 0.5 * per_step[0][0] and per_step[7][0] < 0.5 * per_step[0][0]
     report = r0["report"]
