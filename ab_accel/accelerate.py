@@ -58,6 +58,7 @@ from .checkpoint import (
     SHARDS_DIR,
     STATE_MANIFEST,
     CheckpointError,
+    check_files,
     is_complete,
     load_checkpoint,
     save_checkpoint,
@@ -537,15 +538,7 @@ def check_state(accelerator: Any, directory: str | os.PathLike) -> Any:
     else:
         with open(manifest) as fh:
             saved = json.load(fh)
-        for name, size in saved["files"].items():
-            path = os.path.join(directory, name)
-            if not os.path.isfile(path):
-                problem = f"checkpoint file {path!r} is missing; nothing was loaded."
-            elif os.path.getsize(path) != size:
-                problem = (f"checkpoint file {path!r} is {os.path.getsize(path)} bytes, the "
-                           f"manifest records {size}: it is truncated; nothing was loaded.")
-            if problem:
-                break
+        problem = check_files(directory, saved["files"])
     problems = gather_object([problem]) if accelerator.num_processes > 1 else [problem]
     if any(problems):
         raise CheckpointError(next(p for p in problems if p))

@@ -195,6 +195,19 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: A
     return state.get("extra", {})
 
 
+def check_files(directory: str | os.PathLike, sizes: dict[str, int]) -> str | None:
+    """What is wrong with the files a manifest lists ({relative path: bytes}): the first one
+    missing or of another size, as a message that names it (None: all present and whole)."""
+    for name, size in sizes.items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            return f"checkpoint file {path!r} is missing; nothing was loaded."
+        if os.path.getsize(path) != size:
+            return (f"checkpoint file {path!r} is {os.path.getsize(path)} bytes, the manifest "
+                    f"records {size}: it is truncated or was replaced; nothing was loaded.")
+    return None
+
+
 def _shard_for(meta: dict[str, Any], optimizer: ABOptimizer) -> int:
     if meta["world_size"] != optimizer.world_size:
         return 0  # accepted only where every group held the same model (see _check)
@@ -207,14 +220,9 @@ def _check(directory: str, optimizer: ABOptimizer) -> tuple[str | None, dict[str
         meta = read_manifest(directory)
     except CheckpointError as exc:
         return str(exc), {}
-    for name, info in meta.get("files", {}).items():
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            return f"{path!r} is missing from the checkpoint.", meta
-        size = os.path.getsize(path)
-        if size != info["bytes"]:
-            return (f"{path!r} is {size} bytes but the manifest records {info['bytes']}: the "
-                    f"file is truncated or was replaced."), meta
+    problem = check_files(directory, {n: i["bytes"] for n, i in meta.get("files", {}).items()})
+    if problem:
+        return problem, meta
     accept = optimizer.config.accept_resume_changes
     if meta["world_size"] != optimizer.world_size:
         if not accept or meta.get("groups_differ", True):

@@ -76,6 +76,7 @@ def parse(argv: list[str]) -> tuple[FinetuneArgs, Any]:
 
 def main(argv: list[str]) -> dict[str, Any]:
     import numpy as np
+    from accelerate.utils import gather_object
     from transformers import AutoImageProcessor, AutoModelForImageClassification
     from transformers import default_data_collator as collate
 
@@ -127,8 +128,13 @@ def main(argv: list[str]) -> dict[str, Any]:
         summary.update(ranks=opt.ranks, traffic_rank0=opt.traffic.summary(),
                        step_count=opt.step_count)
     summary.update(**trainer.save_merged(), eval=trainer.evaluate(),
-                   world_size=max(1, training.world_size),
-                   skipped_images={"train": len(train_ds.warned), "eval": len(eval_ds.warned)})
+                   world_size=max(1, training.world_size), skipped_images={  # every rank's
+                       k: len(set().union(*gather_object([ds.warned])))  # (collective)
+                       for k, ds in (("train", train_ds), ("eval", eval_ds))})
+    if training.dataloader_num_workers:  # the workers' copies of the datasets met them
+        summary["skipped_images"] = {"note": "not counted: DataLoader workers read the images "
+                                     "(their warnings are in the log); set "
+                                     "--dataloader_num_workers 0 to count them"}
     if trainer.is_world_process_zero():
         with open(os.path.join(training.output_dir, "ab_summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2, default=str)
