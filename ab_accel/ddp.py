@@ -80,7 +80,7 @@ class DDPTraffic:
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         self.world_size = ddp.process_group.size() if hasattr(ddp, "process_group") else 1
-        self.grad_bytes = self.buffer_bytes = 0
+        self.grad_bytes = self.buffer_bytes = self.calls = 0  # calls: buckets handed to the hook
         self.per_step: list[float] = []
         self._marked = 0.0
         if hook is None:  # torch's own all-reduce over DDP's process group
@@ -93,6 +93,7 @@ class DDPTraffic:
     @staticmethod
     def _count_bucket(counter, bucket):  # no annotations: DDP checks them (dist.GradBucket)
         counter.grad_bytes += bucket.buffer().numel() * bucket.buffer().element_size()
+        counter.calls += 1
         return counter._hook(counter._state, bucket)
 
     def _count_buffers(self, module: Any, args: Any) -> None:
@@ -115,14 +116,16 @@ class DDPTraffic:
     def summary(self) -> dict[str, Any]:
         return {"measured_by": "DDP comm hook (gradient buckets) + buffer broadcasts",
                 "bytes": self.bytes, "wire_bytes": self.wire_bytes,
-                "grad_bytes": self.grad_bytes, "buffer_bytes": self.buffer_bytes}
+                "grad_bytes": self.grad_bytes, "buffer_bytes": self.buffer_bytes,
+                "calls": self.calls}
 
     def state_dict(self) -> dict[str, Any]:
         return {"grad_bytes": self.grad_bytes, "buffer_bytes": self.buffer_bytes,
-                "per_step": list(self.per_step)}
+                "calls": self.calls, "per_step": list(self.per_step)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.grad_bytes, self.buffer_bytes = state["grad_bytes"], state["buffer_bytes"]
+        self.calls = state.get("calls", 0)
         self.per_step, self._marked = list(state.get("per_step", [])), self.wire_bytes
 
 

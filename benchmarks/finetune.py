@@ -31,7 +31,7 @@ norms and the LM head are trained densely by the full-rank methods and frozen by
 What is measured, per rank, over ``trainer.train()`` (see benchmarks/finetune_worker.py):
 held-out loss and perplexity (mean and spread over the seeds), bytes per rank (the AB meter;
 for the DDP methods the gradient buckets DDP handed its comm hook, counted with
-:func:`benchmarks.meters.counting_hook`) and the DP-equivalent (the bytes DDP all-reduces for
+:class:`ab_accel.ddp.DDPTraffic`) and the DP-equivalent (the bytes DDP all-reduces for
 full fine-tuning of the same model over the same steps), peak training-state memory
 (parameters + gradients + optimizer state, walked at every optimizer step), peak RSS and steps
 per second.

@@ -8,7 +8,7 @@ TrainerCallback, takes the numbers:
 
 * bytes: for AB the ABOptimizer's meter over ``train()`` (its set-up broadcast excluded, the
   final sync of ``finalize()`` included); for the DDP methods the gradient buckets DDP hands its
-  comm hook (:func:`benchmarks.meters.counting_hook` around torch's ``allreduce_hook``, the hook
+  comm hook (:class:`ab_accel.ddp.DDPTraffic` around torch's ``allreduce_hook``, the hook
   DDP runs by default), i.e. what DDP all-reduces. The DP-equivalent of every method is what
   full fine-tuning's DDP all-reduces over the same steps (the model's gradient bytes per step),
   the AB meter's own ``dp_equivalent_bytes`` for AB (the same plus the float buffers: the
@@ -35,7 +35,6 @@ from typing import Any
 import psutil
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from transformers import LlamaForCausalLM, Trainer, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
@@ -45,6 +44,7 @@ if __package__ in (None, ""):  # run as a script by torchrun: the repository roo
 
 from ab_accel import ABConfig  # noqa: E402
 from ab_accel.comm import wire_factor  # noqa: E402
+from ab_accel.ddp import DDPTraffic  # noqa: E402
 from ab_accel.model import ab_layers  # noqa: E402
 from ab_accel.trainer import ABTrainer  # noqa: E402
 from benchmarks.finetune import (  # noqa: E402
@@ -55,13 +55,7 @@ from benchmarks.finetune import (  # noqa: E402
     finetune_datasets,
     training_arguments,
 )
-from benchmarks.meters import (  # noqa: E402
-    BucketCount,
-    CollectiveCounter,
-    counting_hook,
-    max_rss_mb,
-    state_bytes,
-)
+from benchmarks.meters import CollectiveCounter, max_rss_mb, state_bytes  # noqa: E402
 
 
 def projector_tensors(optimizer: Any) -> list[torch.Tensor]:
@@ -83,7 +77,7 @@ class Measure(TrainerCallback):
         self.method = method
         self.counter = counter
         self.trainer: Trainer | None = None
-        self.buckets = BucketCount()
+        self.buckets: DDPTraffic | None = None  # plain DDP: what it hands its comm hook
         self.meter_start: dict[str, Any] | None = None
         self.peak_state = 0
         self.peak_state_by_phase: dict[str, int] = {}
@@ -99,8 +93,7 @@ class Measure(TrainerCallback):
             self.meter_start = ab.traffic.summary()
         else:
             # DDP runs allreduce_hook when no hook is registered: the same, counted.
-            tr.model_wrapped.register_comm_hook(
-                None, counting_hook(default_hooks.allreduce_hook, self.buckets))
+            self.buckets = DDPTraffic(tr.model_wrapped)
         self.counter.reset()
         self.counter.active = True
 
@@ -227,8 +220,8 @@ def run_one(method: Method, s: Settings, seed: int, spec: dict[str, Any],
         rec.update(_ab_record(trainer, measure))
     else:
         rec.update({
-            "bytes": measure.buckets.bytes,
-            "wire_bytes": measure.buckets.bytes * wire_factor("all_reduce", world),
+            "bytes": measure.buckets.grad_bytes,
+            "wire_bytes": measure.buckets.grad_bytes * wire_factor("all_reduce", world),
             "hook_calls": measure.buckets.calls,
             "dp_equivalent_bytes": s.steps * grad_bytes,
             "dp_equivalent_wire_bytes": s.steps * grad_bytes * wire_factor("all_reduce", world),

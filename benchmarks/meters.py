@@ -8,8 +8,8 @@
   Python, so their traffic is counted as it goes out, callbacks of chained futures included.
   ab_accel's own collectives go through the same functions, so for AB runs the counter is an
   independent check of ``opt.traffic`` (they must agree exactly).
-* :func:`counting_hook` wraps a DDP comm hook and counts the bytes of the gradient buckets it
-  is handed: what plain DDP would all-reduce (its DP-equivalent).
+* What plain DDP hands its comm hook (its DP-equivalent) is counted by ab_accel's own
+  :class:`ab_accel.ddp.DDPTraffic`, around whichever hook a method runs.
 * :func:`link_counters` reads the kernel's byte counters of a network interface
   (``/proc/net/dev`` of the caller's network namespace).
 * :func:`predicted_link_bytes` turns per-rank collective records into the bytes a ring
@@ -133,33 +133,6 @@ class CollectiveCounter:
     @property
     def wire_bytes(self) -> float:
         return float(sum(r["wire_bytes"] for r in self.records))
-
-
-class BucketCount:
-    """Bytes of the gradient buckets DDP handed to a comm hook (DDP's own payload)."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self.calls = 0
-        self._lock = threading.Lock()
-
-    def add(self, tensor: torch.Tensor) -> None:
-        with self._lock:
-            self.bytes += tensor.numel() * tensor.element_size()
-            self.calls += 1
-
-
-def counting_hook(hook: Callable[[Any, dist.GradBucket], torch.futures.Future],
-                  count: BucketCount) -> Callable[[Any, dist.GradBucket], torch.futures.Future]:
-    """A DDP comm hook that counts each bucket's bytes, then runs ``hook`` (which really
-    communicates: nothing is skipped or faked)."""
-
-    @functools.wraps(hook)
-    def counted(state: Any, bucket: dist.GradBucket) -> torch.futures.Future:
-        count.add(bucket.buffer())
-        return hook(state, bucket)
-
-    return counted
 
 
 def link_counters(interface: str) -> dict[str, int]:

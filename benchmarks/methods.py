@@ -45,8 +45,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ab_accel import ABConfig, ABOptimizer, compression, convert
+from ab_accel.ddp import DDPTraffic
 
-from .meters import BucketCount, counting_hook, state_bytes
+from .meters import state_bytes
 
 AB_PREFIX = "ab-"
 _POWERSGD = re.compile(r"^powersgd-r(\d+)$")
@@ -158,7 +159,7 @@ class Method:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     clip: float
     ab: ABOptimizer | None = None
-    bucket_count: BucketCount | None = None
+    bucket_count: DDPTraffic | None = None  # what DDP handed its comm hook
     extra_state: Callable[[], list[torch.Tensor]] = lambda: []
     finish: Callable[[], None] = lambda: None
     #: runs before clipping (DiLoCo's warm-up averages the gradients here)
@@ -259,8 +260,7 @@ def _build_ddp(name: str, model: nn.Module, knobs: Knobs) -> Method:
     hook = {"ddp": default_hooks.allreduce_hook, "ddp-fp16": default_hooks.fp16_compress_hook,
             "ddp-bf16": default_hooks.bf16_compress_hook}[name]
     ddp = _ddp(model)
-    count = BucketCount()
-    ddp.register_comm_hook(None, counting_hook(hook, count))
+    count = DDPTraffic(ddp, hook)
     base = _adamw(model.parameters(), knobs)
     sched = lr_schedule(base, knobs)
     return Method(name, ddp, model, base, base, sched, knobs.clip, bucket_count=count)
@@ -273,8 +273,7 @@ def _build_powersgd(name: str, model: nn.Module, knobs: Knobs, rank: int) -> Met
     state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=rank,
                                start_powerSGD_iter=max(2, knobs.powersgd_start),
                                use_error_feedback=True, warm_start=True, random_seed=0)
-    count = BucketCount()
-    ddp.register_comm_hook(state, counting_hook(psgd.powerSGD_hook, count))
+    count = DDPTraffic(ddp, psgd.powerSGD_hook, state)
     base = _adamw(model.parameters(), knobs)
     sched = lr_schedule(base, knobs)
 
@@ -297,8 +296,7 @@ def _build_localsgd(name: str, model: nn.Module, knobs: Knobs, period: int) -> M
     start = knobs.localsgd_start
     state = plsgd.PostLocalSGDState(process_group=None, subgroup=subgroup,
                                     start_localSGD_iter=start)
-    count = BucketCount()
-    ddp.register_comm_hook(state, counting_hook(plsgd.post_localSGD_hook, count))
+    count = DDPTraffic(ddp, plsgd.post_localSGD_hook, state)
     base = _adamw(model.parameters(), knobs)
     averager = averagers.PeriodicModelAverager(period=period, warmup_steps=start)
     opt = PostLocalSGDOptimizer(optim=base, averager=averager)

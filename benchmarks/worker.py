@@ -149,7 +149,7 @@ def train_one(rank: int, local_rank: int, spec: dict[str, Any], method_name: str
                                          for k, v in phase_times.items()},
     }
     if method.bucket_count is not None:
-        out["dp_equivalent_bytes"] = method.bucket_count.bytes
+        out["dp_equivalent_bytes"] = method.bucket_count.grad_bytes
         out["hook_calls"] = method.bucket_count.calls
     if method.ab is not None:
         s = method.ab.traffic.summary()
