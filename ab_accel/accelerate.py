@@ -461,12 +461,14 @@ def save_merged(accelerator: Any, model: Any, optimizer: Any = None,
     (one sync, metered); then :func:`ab_accel.merge` turns every AB layer of the unwrapped
     model into a dense one of its original type (W = A B) on every process, and the main
     process saves it with ``save_pretrained`` (plus ``processor.save_pretrained``: an image
-    processor or tokenizer) into ``output_dir`` (None: nothing is saved). Plain transformers
-    loads the folder. Collective: every process calls it. Training cannot continue afterwards;
-    evaluate ``accelerator.unwrap_model(model)``, the merged model. Returns ``{"dir",
-    "final_sync"}`` (whether this call ran a sync) and, when AB-training ran,
-    ``"compression"``: the dense / AB parameter count of the last factorization
-    (:meth:`ABOptimizer.report`, which says what it is measured on).
+    processor or tokenizer) into ``output_dir`` (None: nothing is saved): plain transformers
+    loads the folder. A model without ``save_pretrained`` (a plain torch module) is saved with
+    ``accelerator.save_model``: ``model.safetensors`` under the original module's keys.
+    Collective: every process calls it. Training cannot continue afterwards; evaluate
+    ``accelerator.unwrap_model(model)``, the merged model. Returns ``{"dir", "final_sync"}``
+    (whether this call ran a sync) and, when AB-training ran, ``"compression"``: the dense /
+    AB parameter count of the last factorization (:meth:`ABOptimizer.report`, which says what
+    it is measured on).
     """
     from .model import merge
 
@@ -481,10 +483,12 @@ def save_merged(accelerator: Any, model: Any, optimizer: Any = None,
     if opt is not None:
         facts["compression"] = opt.report()["compression"]
     unwrapped = merge(accelerator.unwrap_model(model, keep_fp32_wrapper=False))
-    if output_dir and accelerator.is_main_process:
+    if output_dir and not hasattr(unwrapped, "save_pretrained"):  # a plain torch module
+        accelerator.save_model(unwrapped, output_dir)  # model.safetensors (every process calls)
+    elif output_dir and accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir)
-        if processor is not None:
-            processor.save_pretrained(output_dir)
+    if output_dir and processor is not None and accelerator.is_main_process:
+        processor.save_pretrained(output_dir)
     accelerator.wait_for_everyone()
     return facts
 

@@ -620,7 +620,8 @@ def ddp_traffic_counts_what_ddp_sends(rank: int, world: int) -> dict[str, Any]:
     again.load_state_dict(counter.state_dict())
     from ab_accel.comm import world_traffic
 
-    return {"world": world_traffic(counter), "grad_bytes": counter.grad_bytes, "buffer_bytes": counter.buffer_bytes,
+    return {"world": world_traffic(counter), "grad_bytes": counter.grad_bytes,
+            "buffer_bytes": counter.buffer_bytes,
             "wire": counter.wire_bytes, "per_step": counter.per_step,
             "summary": counter.summary(), "restored": again.summary(),
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
@@ -641,7 +642,8 @@ def meter_keeps_the_bytes_of_every_step(rank: int, world: int) -> dict[str, Any]
     from ab_accel.comm import world_traffic
 
     return {"per_step": opt.traffic.per_step, "summary": opt.traffic.summary(),
-            "world": world_traffic(opt.traffic), "phases": [str(opt.schedule.phase(t)) for t in range(9)], "report": opt.report(),
+            "world": world_traffic(opt.traffic),
+            "phases": [str(opt.schedule.phase(t)) for t in range(9)], "report": opt.report(),
             "records": opt.traffic.records}
 
 

@@ -202,6 +202,27 @@ def test_factorized_dense_weight_is_released_under_ddp(main):
 
 
 # ------------------------------------------------------------------------------ checkpoints
+def test_save_merged_reconciles_merges_and_saves_a_plain_module(main, tmp_path):
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import train_digits  # tests/accel_scripts/train_digits.py
+
+    # The run stopped inside an AB phase: save_merged ran the final sync (on every rank) ...
+    assert all(r["groups_differ_at_end"] and r["export"]["final_sync"] for r in main)
+    assert all(r["export"]["compression"]["factorized_ratio"] > 1 for r in main)
+    assert all(r["ab_layers_after_export"] == 0 for r in main)  # ... and merged every AB layer
+    for r in main[1:]:  # every rank holds the one model
+        torch.testing.assert_close(r["merged_logits"], main[0]["merged_logits"])
+    # The saved file is the plain module's state: strict load, the same outputs.
+    plain = train_digits.build_model()
+    plain.load_state_dict(load_file(os.path.join(main[0]["export"]["dir"], "model.safetensors")))
+    plain.eval()
+    with torch.no_grad():
+        logits = plain(train_digits.probe_images())
+    torch.testing.assert_close(logits, main[0]["merged_logits"], atol=1e-5, rtol=1e-5)
+
+
 def test_save_state_mid_ab_phase_then_load_state_continues_exactly(runs):
     main, resume = runs
     assert main[0]["save_phase"] == "ab"

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ab_accel
 from ab_accel import ABConfigError, compression
-from ab_accel.accelerate import CHECKPOINT_DIR, ab_optimizer
+from ab_accel.accelerate import CHECKPOINT_DIR, ab_optimizer, save_merged
 from ab_accel.layers import ABLayer
 from ab_accel.model import ab_layers
 
@@ -177,7 +177,19 @@ def main_run(out_dir: str, ckpt_dir: str) -> dict[str, Any]:
     rec["ab_layers_in_unwrapped"] = sum(isinstance(m, ABLayer) for m in unwrapped.modules())
     rec["ckpt_files"] = sorted(os.listdir(os.path.join(ckpt_dir, CHECKPOINT_DIR)))
     rec["accelerate_files"] = sorted(os.listdir(ckpt_dir))
+    # The end: the run stops inside an AB phase (t = 11); save_merged reconciles and exports.
+    rec["groups_differ_at_end"] = opt.ab_optimizer.groups_differ
+    rec["export"] = save_merged(accelerator, model, opt, os.path.join(out_dir, "merged"))
+    merged = accelerator.unwrap_model(model)
+    rec["ab_layers_after_export"] = sum(isinstance(m, ABLayer) for m in merged.modules())
+    merged.eval()
+    with torch.no_grad():
+        rec["merged_logits"] = merged(probe_images()).float()
     return rec
+
+
+def probe_images() -> torch.Tensor:
+    return torch.tensor(load_digits().images[:8], dtype=torch.float32).unsqueeze(1) / 16.0
 
 
 def resume_run(out_dir: str, ckpt_dir: str) -> dict[str, Any]:
