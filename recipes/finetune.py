@@ -80,6 +80,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
     from transformers import default_data_collator as collate
 
+    from ab_accel.comm import world_traffic
     from ab_accel.trainer import ABTrainer
 
     args, training = parse(argv)
@@ -125,8 +126,9 @@ def main(argv: list[str]) -> dict[str, Any]:
     opt = trainer.ab_optimizer
     summary: dict[str, Any] = {"ab_config": trainer.ab_config.to_dict()}
     if opt is not None:
-        summary.update(ranks=opt.ranks, traffic_rank0=opt.traffic.summary(),
-                       step_count=opt.step_count)
+        traffic = world_traffic(opt.traffic)  # every rank's bytes, summed (collective)
+        summary.update(ranks=opt.ranks, traffic_rank0=opt.traffic.summary(), traffic={
+            k: v for k, v in traffic.items() if k != "per_step"}, step_count=opt.step_count)
     summary.update(**trainer.save_merged(), eval=trainer.evaluate(),
                    world_size=max(1, training.world_size), skipped_images={  # every rank's
                        k: len(set().union(*gather_object([ds.warned])))  # (collective)

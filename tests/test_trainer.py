@@ -225,6 +225,7 @@ def test_finetune_recipe_vit_imagefolder_to_merged_model(tmp_path):
         summary = json.load(fh)
     assert summary["step_count"] == 9
     assert summary["traffic_rank0"]["steps_by_phase"] == {"warmup": 3, "ab": 5, "rebound": 1}
+    assert summary["traffic"]["per_rank"] == [summary["traffic_rank0"]]  # one process
     assert summary["final_sync"] is True  # 9 steps end inside the second AB phase
     assert summary["compression"]["factorized_ratio"] > 1.0
     assert all(r is not None for r in summary["ranks"].values())
