@@ -482,7 +482,7 @@ def save_merged(accelerator: Any, model: Any, optimizer: Any = None,
                              "final_sync": bool(opt and opt.finalize())}
     if opt is not None:
         facts["compression"] = opt.report()["compression"]
-    unwrapped = merge(accelerator.unwrap_model(model, keep_fp32_wrapper=False))
+    unwrapped = merge(accelerator.unwrap_model(model))  # forward left as prepared
     if output_dir and not hasattr(unwrapped, "save_pretrained"):  # a plain torch module
         accelerator.save_model(unwrapped, output_dir)  # model.safetensors (every process calls)
     elif output_dir and accelerator.is_main_process:

@@ -55,7 +55,7 @@ from .checkpoint import SHARDS_DIR, load_checkpoint, save_checkpoint
 from .config import DEEPSPEED_KEY, ABConfig, ABConfigError, resolve_config
 from .ddp import hand_reduction_to_ab, ignore_factorized_weights
 from .deepspeed import attach, check_config, load_ds_config
-from .model import compression, convert, merge
+from .model import compression, convert
 from .optimizer import ABOptimizer
 from .schedule import ABSchedule
 from .vocab import Phase
@@ -201,18 +201,17 @@ class ABTrainer(Trainer):
         AB-training ran, ``"compression"``: the dense / AB parameter count of the last
         factorization (:meth:`ABOptimizer.report`, which says what it is measured on).
         """
+        from .accelerate import save_merged
+
         out = output_dir or os.path.join(self.args.output_dir, "merged")
-        facts: dict[str, Any] = {"dir": out, "final_sync": False}
+        facts: dict[str, Any] = {"final_sync": False}
         if self.ab_optimizer is not None:
             facts["compression"] = self.ab_optimizer.report()["compression"]
             facts["final_sync"] = self.ab_optimizer.sync_now()
-        merge(self.model)
-        if self.is_world_process_zero():
-            self.model.save_pretrained(out)
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(out)
-        self.accelerator.wait_for_everyone()
-        return facts
+        # merge and save: the Accelerate integration's end (its finalize() has nothing left)
+        saved = save_merged(self.accelerator, self.model, self.ab_optimizer, out,
+                            processor=self.processing_class)
+        return {"dir": saved["dir"], **facts}
 
     # ------------------------------------------------------------------ wiring
     def _attach_ab(self, prepared: tuple[Any, ...]) -> None:

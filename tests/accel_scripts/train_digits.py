@@ -180,7 +180,7 @@ def main_run(out_dir: str, ckpt_dir: str) -> dict[str, Any]:
     # The end: the run stops inside an AB phase (t = 11); save_merged reconciles and exports.
     rec["groups_differ_at_end"] = opt.ab_optimizer.groups_differ
     rec["export"] = save_merged(accelerator, model, opt, os.path.join(out_dir, "merged"))
-    merged = accelerator.unwrap_model(model)
+    merged = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # fp32, no bf16 autocast
     rec["ab_layers_after_export"] = sum(isinstance(m, ABLayer) for m in merged.modules())
     merged.eval()
     with torch.no_grad():
