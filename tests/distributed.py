@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -24,6 +26,28 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_or_dump(cmd: list[str], timeout: float, env: dict[str, str], **kwargs: Any
+                ) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd)`` with captured text output, and a diagnosis when it hangs: past
+    ``timeout`` every process it started gets SIGABRT, whose faulthandler (PYTHONFAULTHANDLER)
+    prints each Python thread's stack, and the test fails with the end of that output."""
+    proc = subprocess.Popen(cmd, env={**env, "PYTHONFAULTHANDLER": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        raise AssertionError(f"{cmd[:4]} ... hung for {timeout} s; the stacks at SIGABRT:\n"
+                             f"{out[-2000:]}\n{err[-12000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def end_process(code: int = 0) -> None:

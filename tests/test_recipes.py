@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from distributed import free_port
+from distributed import free_port, run_or_dump
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "recipes")
@@ -54,7 +54,7 @@ def launch(script: str, nproc: int, out: str, *args: str, check: bool = True
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), os.path.join(RECIPES, script),
            "--output_dir", out, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+    proc = run_or_dump(cmd, 400, ENV, cwd=ROOT)
     assert proc.returncode == 0 or not check, (proc.stdout[-3000:] + "\n" + proc.stderr[-8000:])
     return proc
 
