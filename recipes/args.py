@@ -187,7 +187,6 @@ def parse(recipe: Recipe, argv: Sequence[str], world_size: int | None = None) ->
     except ABConfigError as exc:
         raise ConfigError(str(exc)) from None
     args.given = given  # type: ignore[attr-defined]  (not a knob: not saved, not compared)
-    args.default_config = "--config" not in argv and "nodes" not in given  # type: ignore
     return args
 
 
@@ -248,18 +247,21 @@ def derive(args: TrainArgs, recipe: Recipe, world: int, n_train: int | None,
            facts: ImageFacts | None) -> tuple[TrainArgs, int | None, list[str]]:
     """(the run's knobs, its optimizer steps, what was derived) for ``n_train`` training
     images over ``world`` processes (None: not known yet; the run's length is then not
-    decided). Knobs named on the command line are kept; on the user's
-    own data the image shape, normalisation, output folder and (with the recipe's own config)
-    the AB schedule come from the data and the run's length. Refuses, before any training, a
-    run of 0 optimizer steps."""
+    decided). Knobs named on the command line are kept. On the user's own data the image shape,
+    the normalisation and the output folder come from the data, each change said in one line
+    (a config file's value is adapted, never silently), and the AB schedule is scaled to the
+    run's length (:func:`ab_accel.schedule.scaled_schedule`) unless the config is a paper
+    config (one with ``ab_schedule_by_nodes``: its normalisation and schedule rows are kept) or
+    the schedule is given on the command line. Refuses, before any training, a run of 0
+    optimizer steps (and lowers a batch that no knob set to what the data holds)."""
     given: set[str] = getattr(args, "given", set())
-    default = getattr(args, "default_config", False)
     own = bool(args.data_dir or args.dataset_name)
+    paper = bool(args.ab_schedule_by_nodes)  # a paper config: its shapes and schedule rows
     changes: dict[str, Any] = {}
     said: list[str] = []
     src = f"{args.config} says" if args.config else "the default is"
     if own and facts is not None and not args.model_name_or_path:
-        size = facts.size if facts.size is not None else (224 if default else None)
+        size = facts.size if facts.size is not None else (None if paper else 224)
         if size is not None and "image_size" not in given and size != args.image_size:
             changes["image_size"] = size
             said.append(f"image_size {size} (the images are {facts.shape}; {src} "
@@ -271,7 +273,7 @@ def derive(args: TrainArgs, recipe: Recipe, world: int, n_train: int | None,
                 said.append(f"model.patch_size {new} (keeps {args.config}'s "
                             f"{args.image_size // patch}x{args.image_size // patch} patches)")
         if not {"image_mean", "image_std"} & given and (
-                default or len(args.image_mean) != facts.channels):
+                not paper or len(args.image_mean) != facts.channels):
             changes.update(image_mean=facts.mean, image_std=facts.std)
             said.append(f"{facts.channels} channel(s), image_mean {facts.mean}, image_std "
                         f"{facts.std} (measured on {facts.sampled} training images"
@@ -305,14 +307,14 @@ def derive(args: TrainArgs, recipe: Recipe, world: int, n_train: int | None,
                 f"{args.gradient_accumulation_steps} accumulation) make 0 optimizer steps per "
                 f"epoch: nothing would be trained. {fix}.")
     args = dataclasses.replace(args, **changes) if changes else args
-    args.given, args.default_config = given, default  # type: ignore[attr-defined]
+    args.given = given  # type: ignore[attr-defined]
     if n_train is None:
         return args, None, said
     steps = args.max_steps or args.epochs * steps_per_epoch(
         n_train, args.batch_size, world, args.gradient_accumulation_steps)
     schedule_keys = {f"ab_training.{k}" for k in ("warmup_steps", "sync_every",
                                                   "rebound_steps", "lr_rebound_steps")}
-    if own and default and not args.no_ab and not schedule_keys & given and \
+    if own and not paper and not args.no_ab and not schedule_keys & given and \
             "ab_training" not in given:
         from ab_accel.schedule import scaled_schedule
 
