@@ -216,10 +216,12 @@ def check_data_dir(data_dir: str) -> None:
             raise ConfigError(f"the class folders of {folder!r} ({names}"
                               f"{', ...' if len(classes) > 5 else ''}) hold no image files: "
                               f"{layout}.")
-        if split == "train" and len(classes) < 2:
-            raise ConfigError(f"{folder!r} holds one class folder "
-                              f"({os.path.basename(classes[0])!r}): a classifier needs at least "
-                              f"two, one folder of images per class ({layout}).")
+        if split == "train":
+            train_classes = classes
+    if len(train_classes) < 2:  # datasets' imagefolder would drop the labels of one class
+        raise ConfigError(f"{os.path.dirname(train_classes[0])!r} holds one class folder "
+                          f"({os.path.basename(train_classes[0])!r}): a classifier needs at "
+                          f"least two, one folder of images per class ({layout}).")
 
 
 @dataclass
@@ -314,8 +316,11 @@ def derive(args: TrainArgs, recipe: Recipe, world: int, n_train: int | None,
         n_train, args.batch_size, world, args.gradient_accumulation_steps)
     schedule_keys = {f"ab_training.{k}" for k in ("warmup_steps", "sync_every",
                                                   "rebound_steps", "lr_rebound_steps")}
+    from ab_accel.config import resolve_config
+
+    from_json = resolve_config(environ=os.environ).config is not None  # DeepSpeed's key wins
     if own and not paper and not args.no_ab and not schedule_keys & given and \
-            "ab_training" not in given:
+            "ab_training" not in given and not from_json:
         from ab_accel.schedule import scaled_schedule
 
         try:
@@ -373,24 +378,25 @@ def ab_config(args: TrainArgs, world_size: int, from_scratch: bool,
     from ab_accel.config import resolve_config
 
     env = os.environ if environ is None else environ
-    given = {k for k in getattr(args, "given", set()) if k.startswith("ab_training")}
+    given = getattr(args, "given", set())
+    fields = [f.name for f in dataclasses.fields(ABConfig)
+              if "ab_training" in given or f"ab_training.{f.name}" in given]
     try:
-        try:
-            config, source = resolve_config(config=args.ab_training if given else None,
-                                            environ=env, fallback=args.ab_training)
-        except ABConfigError as exc:
-            raise ABConfigError(
-                f"--{', --'.join(sorted(k for k in given if not k.endswith('*')))} on the "
-                f"command line (\"config=\" below, with the rest of the recipe's ab_training "
-                f"block) and the DeepSpeed JSON both set the AB-training schedule. {exc} Put "
-                f"the values in the JSON's \"ab_training\" block, or drop the command-line "
-                f"flags.") from None
-        if source == "config=" and str(env.get("ACCELERATE_USE_DEEPSPEED", "")).lower() == \
-                "true" and resolve_config(environ=env).config is not None:
-            source = ("the command line's --ab_training.* and the DeepSpeed JSON's "
-                      "\"ab_training\" key (both given; they agree)")
-        elif source == "config=":
-            source = "the recipe's ab_training block with --ab_training.* from the command line"
+        from_json = resolve_config(environ=env).config  # the JSON's block, or None
+        if fields and from_json is not None:  # two sources: the command line's fields ...
+            flags = " ".join(f"--ab_training.{k} {getattr(args.ab_training, k)}" for k in fields)
+            try:  # ... must agree with the JSON's: resolve_config's rule
+                config, _ = resolve_config(config=dataclasses.replace(from_json, **{
+                    k: getattr(args.ab_training, k) for k in fields}), environ=env)
+            except ABConfigError as exc:
+                raise ABConfigError(
+                    f"{flags} on the command line (\"config=\" below) and the DeepSpeed "
+                    f"JSON's \"ab_training\" block both set the AB-training schedule. {exc} "
+                    f"Change the JSON's block, or drop the command-line flags.") from None
+            source = (f"the DeepSpeed JSON's \"ab_training\" key and {flags} on the command "
+                      f"line (both given; they agree)")
+        else:
+            config, source = resolve_config(environ=env, fallback=args.ab_training)
         if source != "the fallback":
             logger.info("AB-training schedule: %s", source)
         orthogonal = (config.orthogonal_init or from_scratch) if args.orthogonal_init == "auto" \
