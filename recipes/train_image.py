@@ -58,7 +58,6 @@ def make_accelerator(args: TrainArgs, trackers: list[Any]) -> Any:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     datasets.disable_progress_bars()  # one progress bar: the training steps
     transformers.utils.logging.disable_progress_bar()
-    os.makedirs(args.output_dir, exist_ok=True)
     return accelerator
 
 
@@ -164,6 +163,7 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     logger.info("data: %s", data_desc)
     if said:
         logger.info("derived from the data: %s", "; ".join(said))
+    os.makedirs(args.output_dir, exist_ok=True)  # every refusal is behind: now it is a run
     size, channels, mean, std = args.image_size, len(args.image_mean), args.image_mean, \
         args.image_std
     train_ds = data.ImageDataset(train_split, data.image_transform(
