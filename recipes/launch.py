@@ -118,14 +118,30 @@ def check_launcher_settings(mixed_precision: str, accumulation: int,
 
 
 def quiet_libraries() -> None:
-    """Library chatter silenced once per process, where each library lets us (their own
-    switches: log levels, progress bars, one warnings filter)."""
-    for name in ("datasets", "transformers", "accelerate", "filelock", "matplotlib",
-                 "DeepSpeed", "torch.distributed.elastic"):
-        logging.getLogger(name).setLevel(logging.WARNING if is_main() else logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
-    if not is_main():
-        warnings.filterwarnings("ignore")  # one copy of each warning: rank 0's
+    """Library chatter silenced once per process, through each library's own switch, after
+    its import (transformers and DeepSpeed reset their loggers' levels when imported): rank 0
+    keeps their warnings, every other rank their errors only, so each warning prints once."""
+    import datasets
+    import transformers
+
+    main = is_main()
+    datasets.disable_progress_bars()  # one progress bar: the training steps
+    transformers.utils.logging.disable_progress_bar()
+    (transformers.utils.logging.set_verbosity_warning if main else
+     transformers.utils.logging.set_verbosity_error)()
+    level = logging.WARNING if main else logging.ERROR
+    for name in ("datasets", "accelerate", "filelock", "matplotlib", "torch.distributed"):
+        logging.getLogger(name).setLevel(level)
+    # bitsandbytes (a transformers extra) warns on CPU that its optional kernels package is
+    # missing ("Failed to load CPU gemm_4bit_forward ..."): nothing of it is used here
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if "deepspeed" in sys.modules or str(os.environ.get(
+            "ACCELERATE_USE_DEEPSPEED", "")).lower() == "true":
+        from deepspeed.utils import logger as ds_logger  # "Setting ds_accelerator to ..."
+
+        ds_logger.setLevel(level)
+    if not main:
+        warnings.filterwarnings("ignore")  # one copy of each Python warning: rank 0's
 
 
 def _end_launch(code: int) -> None:

@@ -19,9 +19,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import launch
-
 import data
+import launch
 import modeling
 from args import ConfigError, Recipe, TrainArgs, ab_config, derive, launched_world_size
 from args import parse as parse_args
@@ -31,9 +30,7 @@ logger = logging.getLogger("recipes")
 
 def make_accelerator(args: TrainArgs, trackers: list[Any]) -> Any:
     """CPU (gloo) when no CUDA device is visible, a seeded sampler, the trackers, quiet logs."""
-    import datasets
     import torch
-    import transformers
     from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
     from accelerate.utils import ProjectConfiguration
 
@@ -54,10 +51,7 @@ def make_accelerator(args: TrainArgs, trackers: list[Any]) -> Any:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True,
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
-    for noisy in ("datasets", "transformers", "accelerate", "filelock", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    datasets.disable_progress_bars()  # one progress bar: the training steps
-    transformers.utils.logging.disable_progress_bar()
+    launch.quiet_libraries()
     return accelerator
 
 
@@ -104,7 +98,6 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     # ---- knobs: every check that needs no heavy import runs first, in the order a user fixes
     # them: the knobs and the data folder (parse), the launch, the launcher's settings, the
     # run's length on this data, the AB groups
-    launch.quiet_libraries()
     parsed = parse_args(recipe, argv)
     launch.check_launch()  # accelerate launch --num_processes 4 on CPU starts one process
     world = launched_world_size()
