@@ -293,6 +293,11 @@ def derive(args: TrainArgs, recipe: Recipe, world: int, n_train: int | None,
             said.append(f"output_dir {out} (named after the data; {src} {args.output_dir})")
     unit = world * args.gradient_accumulation_steps
     accumulation = args.gradient_accumulation_steps
+    if args.batch_size % unit:
+        raise ConfigError(f"batch_size {args.batch_size} (global) does not split over {world} "
+                          f"processes x {accumulation} accumulation steps: pass a multiple of "
+                          f"{unit} (e.g. --batch_size {max(unit, args.batch_size // unit * unit)}"
+                          f").")
     if n_train is not None and steps_per_epoch(n_train, args.batch_size, world,
                                                accumulation) == 0:
         fits = n_train // unit * unit
@@ -342,8 +347,8 @@ def _nodes_row(ns: Any, config: str | None, recipe: Recipe, world_size: int | No
     table, nodes = ns.ab_schedule_by_nodes, ns.nodes
     world = world_size if world_size is not None else launched_world_size()
     small = "" if config != recipe.imagenet_config else (
-        f" ({config}: {recipe.imagenet_note}. For your own data set drop --config and "
-        f"--nodes: the recipe then derives the image shape and the schedule from the data.)")
+        f" ({config}: {recipe.imagenet_note}. For your own data set leave out --nodes and a paper "
+        f"--config: the recipe then derives the image shape and the schedule from the data.)")
     if nodes == "auto" and world % ns.gpus_per_node:
         raise ConfigError(
             f"{config}: the schedule table is per number of nodes of {ns.gpus_per_node} "
