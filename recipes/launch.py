@@ -36,6 +36,11 @@ from typing import Any
 from ab_accel import ABConfigError
 from ab_accel.cli import CommandLineError as ConfigError
 
+# bitsandbytes (a transformers extra) warns at import, on CPU, that its optional kernels package is
+# missing ("Failed to load CPU gemm_4bit_forward ..."): nothing of it is used here. It does not
+# reset its loggers' levels, so this holds from the start of every process.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
 # Where a run stands, for the line printed when it is interrupted (the loop updates it).
 PROGRESS: dict[str, Any] = {"step": 0, "checkpoint": None}
 _SIZES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -132,9 +137,6 @@ def quiet_libraries() -> None:
     level = logging.WARNING if main else logging.ERROR
     for name in ("datasets", "accelerate", "filelock", "matplotlib", "torch.distributed"):
         logging.getLogger(name).setLevel(level)
-    # bitsandbytes (a transformers extra) warns on CPU that its optional kernels package is
-    # missing ("Failed to load CPU gemm_4bit_forward ..."): nothing of it is used here
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if "deepspeed" in sys.modules or str(os.environ.get(
             "ACCELERATE_USE_DEEPSPEED", "")).lower() == "true":
         from deepspeed.utils import logger as ds_logger  # "Setting ds_accelerator to ..."
