@@ -113,7 +113,7 @@ def check_launcher_settings(mixed_precision: str, accumulation: int,
     if launcher_mp != "no":
         said.append(f"mixed precision {launcher_mp} (the launcher's and the recipe's)")
     launcher_acc = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
-    if launcher_acc is not None and int(launcher_acc) != accumulation:
+    if launcher_acc is not None and launcher_acc.isdigit() and int(launcher_acc) != accumulation:
         raise ConfigError(
             f"the launcher asks for {launcher_acc} gradient accumulation steps but the recipe's "
             f"knob --gradient_accumulation_steps is {accumulation} (the recipe's wins, and "

@@ -231,3 +231,31 @@ def test_ctrl_c_ends_every_process_with_one_line(trees, tmp_path):
     time.sleep(2)
     alive = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True)
     assert alive.stdout.strip() == ""  # no rank left behind
+
+
+def test_launch_checks_name_the_right_cause_and_the_exact_command():
+    import launch
+
+    simple = {"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    cmd = ["/venv/bin/python", "/venv/bin/accelerate", "launch", "--num_processes", "4",
+           "recipes/vit.py", "--data_dir", "my images"]
+    with pytest.raises(args.ConfigError) as err:
+        launch.check_launch(simple, cmd)
+    assert "not the 4 asked for (without --multi_gpu" in str(err.value)
+    assert "--cpu" not in str(err.value)  # not passed: not blamed
+    assert str(err.value).endswith("run: accelerate launch --multi_gpu --num_processes 4 "
+                                   "recipes/vit.py --data_dir 'my images'")
+    with pytest.raises(args.ConfigError, match=r"\(--cpu makes .* run: accelerate launch "
+                                                r"--multi_gpu --num_processes 4 recipes"):
+        launch.check_launch({**simple, "ACCELERATE_USE_CPU": "True"},
+                            cmd[:3] + ["--cpu"] + cmd[3:])
+    launch.check_launch({**simple, "WORLD_SIZE": "4"}, cmd)  # a real multi-process launch
+    launch.check_launch({}, cmd)  # plain python
+    # A launcher setting the recipe's knobs override: refused when it differs, never dropped.
+    with pytest.raises(args.ConfigError, match="--mixed_precision bf16 after the script name"):
+        launch.check_launcher_settings("no", 1, {"ACCELERATE_MIXED_PRECISION": "bf16"})
+    with pytest.raises(args.ConfigError, match="--gradient_accumulation_steps 4 after the"):
+        launch.check_launcher_settings("no", 1, {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"})
+    assert launch.check_launcher_settings("bf16", 2, {"ACCELERATE_MIXED_PRECISION": "bf16",
+                                                      "ACCELERATE_GRADIENT_ACCUMULATION_STEPS":
+                                                      "2"})
