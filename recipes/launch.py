@@ -93,16 +93,14 @@ def check_launch(environ: Mapping[str, str] | None = None,
 
 
 def check_launcher_settings(mixed_precision: str, accumulation: int,
-                            environ: Mapping[str, str] | None = None) -> list[str]:
+                            environ: Mapping[str, str] | None = None) -> None:
     """Launcher settings that the recipe's knobs override: refused when they differ.
 
     `accelerate launch --mixed_precision X` reaches the script as ACCELERATE_MIXED_PRECISION,
     `--gradient_accumulation_steps N` as ACCELERATE_GRADIENT_ACCUMULATION_STEPS; the recipe
     passes its own knobs to ``Accelerator(...)``, which win. "no" is also what the launcher
-    sets when the flag is not given, so only another value is a request. Returns the lines to
-    print (the settings that agree)."""
+    sets when the flag is not given, so only another value is a request."""
     env = os.environ if environ is None else environ
-    said = []
     launcher_mp = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if launcher_mp not in ("no", mixed_precision):
         raise ConfigError(
@@ -110,8 +108,6 @@ def check_launcher_settings(mixed_precision: str, accumulation: int,
             f"precision is the recipe's knob --mixed_precision (here {mixed_precision!r}). Drop "
             f"the launcher flag and pass --mixed_precision {launcher_mp} after the script name "
             f"(fp16 and fp8 are refused there, with the reason).")
-    if launcher_mp != "no":
-        said.append(f"mixed precision {launcher_mp} (the launcher's and the recipe's)")
     launcher_acc = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     if launcher_acc is not None and launcher_acc.isdigit() and int(launcher_acc) != accumulation:
         raise ConfigError(
@@ -119,7 +115,6 @@ def check_launcher_settings(mixed_precision: str, accumulation: int,
             f"knob --gradient_accumulation_steps is {accumulation} (the recipe's wins, and "
             f"--batch_size is global): pass --gradient_accumulation_steps {launcher_acc} after "
             f"the script name instead.")
-    return said
 
 
 def quiet_libraries() -> None:

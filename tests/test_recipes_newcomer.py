@@ -256,6 +256,5 @@ def test_launch_checks_name_the_right_cause_and_the_exact_command():
         launch.check_launcher_settings("no", 1, {"ACCELERATE_MIXED_PRECISION": "bf16"})
     with pytest.raises(args.ConfigError, match="--gradient_accumulation_steps 4 after the"):
         launch.check_launcher_settings("no", 1, {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"})
-    assert launch.check_launcher_settings("bf16", 2, {"ACCELERATE_MIXED_PRECISION": "bf16",
-                                                      "ACCELERATE_GRADIENT_ACCUMULATION_STEPS":
-                                                      "2"})
+    launch.check_launcher_settings("bf16", 2, {"ACCELERATE_MIXED_PRECISION": "bf16",  # agree
+                                               "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"})
