@@ -27,6 +27,42 @@ from dataclasses import dataclass
 
 from .vocab import Event, Phase
 
+#: AB cycles in a run scaled by :func:`scaled_schedule`.
+SCALED_CYCLES = 4
+
+
+def scaled_schedule(total_steps: int, cycles: int = SCALED_CYCLES) -> dict[str, int]:
+    """The one rule that scales the AB schedule to a run of ``total_steps`` optimizer steps.
+
+    Returns ABConfig's fields ``warmup_steps`` (W0), ``sync_every`` (T), ``rebound_steps`` (F)
+    and ``lr_rebound_steps`` (R). The paper's ViT-B/16 and ResNet-50 schedules spend ~25% of a
+    150-epoch run in warm-up and run cycles of ~5% of it, with a rebound of 5-14% of a cycle and
+    an LR rebound of ~1/3 of a cycle. A short run is different: the model learns most of what
+    it will early, and every warm-up or rebound step costs a full DP step of traffic. So:
+    warm-up W0 = 10% of the run (past the fast initial phase), ``cycles`` cycles of
+    T = (steps - W0) / cycles (a re-factorization every few epochs lets the rank shrink as the
+    spectrum sharpens), rebound F = 5% of T (at least 2 steps), LR rebound R = 20% of T. The
+    warm-up is one step longer than that so the run ends one step before the next
+    factorization: the last rebound is one step shorter and every rank ends with the same
+    dense weights. The recipes and the benchmarks both use this rule.
+
+    Raises:
+        ValueError: the run is too short for every cycle to hold an AB step; the message gives
+            the shortest run the rule accepts.
+    """
+    t = max(2, (total_steps - max(1, round(0.10 * total_steps))) // cycles)
+    f = max(2, round(0.05 * t))
+    if total_steps < 1 or f >= t:
+        shortest = next(n for n in range(1, 10_000) if max(2, (n - max(1, round(0.10 * n)))
+                                                           // cycles) > 2)
+        raise ValueError(
+            f"a run of {total_steps} optimizer step(s) is too short for the AB schedule scaled "
+            f"to the run (warm-up 10%, {cycles} cycles of AB steps plus a rebound of at least "
+            f"2 steps): it needs at least {shortest} steps. Train for more steps, or set "
+            f"warmup_steps, sync_every and rebound_steps yourself.")
+    return {"warmup_steps": total_steps - cycles * t + 1, "sync_every": t, "rebound_steps": f,
+            "lr_rebound_steps": max(1, round(0.20 * t))}
+
 
 @dataclass(frozen=True)
 class ABSchedule:

@@ -42,6 +42,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ab_accel.schedule import scaled_schedule  # noqa: E402
 from benchmarks.meters import predicted_link_bytes  # noqa: E402
 from benchmarks.methods import AB_PREFIX, LOCAL, Knobs, check_method  # noqa: E402
 from benchmarks.workloads import MODELS  # noqa: E402
@@ -58,27 +59,16 @@ DEFAULT_METHODS = ("local,ddp,ddp-bf16,ab-with-stale,ab-with-stale-bf16,ab-only-
 
 # ---------------------------------------------------------------------------- settings
 def ab_schedule_for(steps: int) -> dict[str, int]:
-    """AB's schedule scaled to a run of ``steps`` optimizer steps.
-
-    The paper's ViT-B/16 and ResNet-50 schedules spend ~25% of a 150-epoch run in warm-up and
-    run cycles of ~5% of it, with a rebound of 5-14% of a cycle and an LR rebound of ~1/3 of a
-    cycle. A short run on digits is different: the model has learned most of what it will
-    after ~3 epochs, and every warm-up or rebound step costs a full DP step of traffic. So:
-    warm-up W0 = 10% of the run (past the fast initial phase), four cycles of
-    T = (steps - W0) / 4 (a re-factorization every ~5 epochs lets the rank shrink as the
-    spectrum sharpens), rebound F = 5% of T, LR rebound R = 20% of T. The warm-up is one step
-    longer than that so the run ends one step before the next factorization: the last
-    rebound is one step shorter and every rank ends with the same dense weights.
-    """
-    cycles = 4
-    t = max(2, (steps - max(1, round(0.10 * steps))) // cycles)
-    w0 = steps - cycles * t + 1
-    f = max(2, round(0.05 * t))
-    if f >= t:
-        raise ValueError(f"--steps {steps} is too short for the default AB schedule: give "
-                         f"--ab-warmup, --ab-sync-every and --ab-rebound explicitly")
-    r = max(1, round(0.20 * t))
-    return {"ab_warmup": w0, "ab_sync_every": t, "ab_rebound": f, "ab_lr_rebound": r}
+    """AB's schedule scaled to a run of ``steps`` optimizer steps: the one rule of the core
+    (:func:`ab_accel.schedule.scaled_schedule`, which says why), under this script's flag
+    names."""
+    try:
+        s = scaled_schedule(steps)  # the one rule, shared with the recipes
+    except ValueError as exc:
+        raise ValueError(f"--steps {steps}: {exc} (here: --ab-warmup, --ab-sync-every and "
+                         f"--ab-rebound)") from None
+    return {"ab_warmup": s["warmup_steps"], "ab_sync_every": s["sync_every"],
+            "ab_rebound": s["rebound_steps"], "ab_lr_rebound": s["lr_rebound_steps"]}
 
 
 def parse_args(argv: list[str] | None = None) -> Namespace:

@@ -13,37 +13,62 @@ import dataclasses
 import io
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from args import ConfigError, DataArgs
+from args import ConfigError, DataArgs, ImageFacts, check_data_dir  # noqa: F401  (check_data_dir: its former home)
 
 IGNORE_INDEX = -100  # the label of an unreadable image: ignored by the loss and the metrics
 logger = logging.getLogger("recipes")
 
 
-def check_data_dir(data_dir: str) -> None:
-    """Stop with a clear message when the folder tree is missing or not ImageNet-shaped."""
-    layout = ("expected <data_dir>/train/<class>/<image> and <data_dir>/val/<class>/<image> "
-              "(one folder per class, as ImageNet)")
-    if not os.path.isdir(data_dir):
-        raise ConfigError(f"--data_dir {data_dir!r} does not exist (or is not a folder): "
-                          f"{layout}.")
-    for split in ("train", "val"):
-        folder = os.path.join(data_dir, split)
-        if split == "val" and not os.path.isdir(folder):
-            folder = os.path.join(data_dir, "validation")
-        if not os.path.isdir(folder):
-            raise ConfigError(f"--data_dir {data_dir!r} has no {split}/ folder: {layout}.")
-        classes = [os.path.join(folder, d) for d in sorted(os.listdir(folder))
-                   if os.path.isdir(os.path.join(folder, d))]
-        if not classes:
-            raise ConfigError(f"{folder!r} holds no class folders: {layout}.")
-        if not any(any(e.is_file() for e in os.scandir(c)) for c in classes):  # first file: stop
-            names = ", ".join(os.path.basename(c) for c in classes[:5])
-            raise ConfigError(f"the class folders of {folder!r} ({names}"
-                              f"{', ...' if len(classes) > 5 else ''}) hold no image files: "
-                              f"{layout}.")
+def count_images(folder: str) -> int:
+    """Image files under ``folder`` (by extension, as datasets' imagefolder picks them)."""
+    from PIL import Image
+
+    known = {e.lower() for e in Image.registered_extensions()}
+    return sum(os.path.splitext(f)[1].lower() in known
+               for _, _, files in os.walk(folder) for f in files)
+
+
+def folder_images(data_dir: str, split: str = "train") -> list[str]:
+    from PIL import Image
+
+    known = {e.lower() for e in Image.registered_extensions()}
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(os.path.join(data_dir, split))
+                  for f in files if os.path.splitext(f)[1].lower() in known)
+
+
+def survey(images: Sequence[Any], at_most: int = 64) -> ImageFacts | None:
+    """Shape, channels and per-channel mean / std of up to ``at_most`` images spread evenly
+    over ``images`` (paths, or `datasets` Image entries). None if none can be read."""
+    import numpy as np
+    from PIL import Image
+
+    picked = [images[round(i * (len(images) - 1) / max(1, at_most - 1))]
+              for i in range(min(at_most, len(images)))]
+    pixels, shapes, grey = [], set(), True
+    for item in picked:
+        try:
+            image = Image.open(item) if isinstance(item, str) else open_image(item)
+            image.load()
+        except (OSError, ValueError, SyntaxError):
+            continue  # counted and warned about when training meets it
+        grey = grey and image.mode in ("1", "L", "I", "I;16", "F")
+        shapes.add(image.size)
+        pixels.append(image)
+    if not pixels:
+        return None
+    mode, channels = ("L", 1) if grey else ("RGB", 3)
+    values = np.concatenate([np.asarray(p.convert(mode), dtype=np.float64).reshape(-1, channels)
+                             for p in pixels]) / 255.0
+    sides = sorted({min(w, h) for w, h in shapes})
+    shape = ("x".join(map(str, next(iter(shapes)))) if len(shapes) == 1 else
+             f"from {sides[0]} to {sides[-1]} px on the short side")
+    return ImageFacts(sampled=len(pixels), size=sides[0] if len(sides) == 1 else None,
+                      shape=shape, channels=channels,
+                      mean=[round(float(v), 3) for v in values.mean(0)],
+                      std=[round(max(float(v), 1e-3), 3) for v in values.std(0)])
 
 
 def load_splits(args: DataArgs) -> tuple[Any, Any, str]:
@@ -101,6 +126,11 @@ def _columns(ds: Any, args: DataArgs) -> Any:
         value = getattr(args, knob)
         name = next((c for c in options if c in ds.column_names), None) if value == "auto" \
             else value
+        if name not in ds.column_names and knob == "label_column" and value == "auto" and \
+                args.data_dir:  # datasets' imagefolder drops the labels of a one-class tree
+            raise ConfigError(f"{args.data_dir!r} has no labels (columns {ds.column_names}): "
+                              f"an image folder needs at least two class folders in each "
+                              f"split, one per class.")
         if name not in ds.column_names:
             raise ConfigError(f"No {knob} among the columns {ds.column_names}: set --{knob}.")
         picked.append(name)

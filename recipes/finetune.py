@@ -21,9 +21,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from ab_accel import ABConfig, ABConfigError
+from ab_accel import ABConfig
 from ab_accel.cli import field_help, make_parser, parse_argv
 
+import launch
 from args import ConfigError, DataArgs, knob
 from data import IGNORE_INDEX, ImageDataset, class_names, image_transform, load_splits
 
@@ -48,6 +49,8 @@ def parse(argv: list[str]) -> tuple[FinetuneArgs, Any]:
     parser.add_class_arguments(TrainingArguments, as_group=False)
     field_help(parser, TrainingArguments)
     argv = ["--ab_training" if a == "--ab_config" else a for a in argv]  # its former name
+    if not any(a.split("=")[0] == "--log_level_replica" for a in argv):
+        argv += ["--log_level_replica", "error"]  # the Trainer's switch: rank 0 warns, once
     if not torch.cuda.is_available():  # one gloo world before TrainingArguments exist
         argv += ["--dataloader_pin_memory", "false"]
         if "--deepspeed" in argv:
@@ -83,6 +86,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     from ab_accel.comm import world_traffic
     from ab_accel.trainer import ABTrainer
 
+    launch.quiet_libraries()  # once per process, after the imports (they reset log levels)
     args, training = parse(argv)
     training.remove_unused_columns = False  # the collator drops what the model does not take
     train, evaluation, _ = load_splits(args)
@@ -143,9 +147,5 @@ def main(argv: list[str]) -> dict[str, Any]:
     return summary
 
 
-if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, ABConfigError) as exc:
-        print(f"finetune.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+if __name__ == "__main__":  # a refused setup: one line from rank 0, exit status 2 (launch.py)
+    launch.run_main("finetune.py", lambda: main(sys.argv[1:]))

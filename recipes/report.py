@@ -132,6 +132,11 @@ def log_start(args: Any, accelerator: Any, model: Any, ab_opt: Any, total_steps:
                 accelerator.distributed_type.value, f"{params:,}",
                 f"fine-tuning {args.model_name_or_path}" if args.model_name_or_path
                 else "from scratch", total_steps, args.batch_size)
+    if accelerator.num_processes == 1:
+        logger.warning("one process: nothing is sent between processes, so this run compares "
+                       "nothing (its traffic is 0 with AB-training and without). For a real "
+                       "comparison on CPU: accelerate launch --multi_gpu --num_processes 4 "
+                       "recipes/%s.py ...", "vit" if "vit" in args.model_type else "resnet")
     if ab_opt is None:
         logger.info("AB-training off (--no-ab): plain data parallel (DDP all-reduce)")
         return
@@ -214,7 +219,9 @@ def summarize(*, recipe: str, args: Any, ab: dict[str, Any] | None, record: RunL
     c = s.get("compression")
     print(f"== {recipe} on {s['data_short']}: {s['ranks']} ranks, {s['steps']} steps, "
           f"{s['wall_time_s']:.0f} s; top-1 {final['top1']:.4f} (the exported merged model); "
-          f"{wire / 2**20:.2f} MiB sent (ring estimate, all ranks, {traffic['measured_by']})"
+          + (f"{wire / 2**20:.2f} MiB sent (ring estimate, all ranks, {traffic['measured_by']})"
+             if s["ranks"] > 1 else "nothing sent (one process: this run compares nothing; "
+             "launch several, e.g. --multi_gpu --num_processes 4)")
           + (f", {abs(100 * (1 - wire / dp)):.1f}% {'less' if wire <= dp else 'more'} than the "
              f"DP-equivalent count of the same steps" if dp else "")
           + (f"; {s['skipped_steps']} non-finite step(s) skipped" if s["skipped_steps"] else "")

@@ -1,8 +1,10 @@
 """ResNet image classification with AB-training (arXiv 2405.01067): the loop is train_image.py.
 
     accelerate launch --config_file configs/accelerate_cpu.yaml recipes/resnet.py  # CPU, digits
+    accelerate launch --multi_gpu --num_processes 4 recipes/resnet.py --data_dir my_images
+        # your own ImageNet-layout folder: shape, normalisation, schedule derived from it
     accelerate launch --config_file configs/accelerate_multigpu.yaml recipes/resnet.py \\
-        --data_dir /data/imagenet     # the paper's ResNet-50 "groups" runs (nogroups: --config)
+        --config configs/resnet50_imagenet.yaml --data_dir /data/imagenet  # the paper's runs
 """
 
 import sys

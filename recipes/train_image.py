@@ -19,11 +19,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ab_accel import ABConfigError
-
 import data
+import launch
 import modeling
-from args import ConfigError, Recipe, TrainArgs, ab_config, launched_world_size
+from args import ConfigError, Recipe, TrainArgs, ab_config, derive, launched_world_size
 from args import parse as parse_args
 
 logger = logging.getLogger("recipes")
@@ -31,9 +30,7 @@ logger = logging.getLogger("recipes")
 
 def make_accelerator(args: TrainArgs, trackers: list[Any]) -> Any:
     """CPU (gloo) when no CUDA device is visible, a seeded sampler, the trackers, quiet logs."""
-    import datasets
     import torch
-    import transformers
     from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
     from accelerate.utils import ProjectConfiguration
 
@@ -54,11 +51,7 @@ def make_accelerator(args: TrainArgs, trackers: list[Any]) -> Any:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True,
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
-    for noisy in ("datasets", "transformers", "accelerate", "filelock", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    datasets.disable_progress_bars()  # one progress bar: the training steps
-    transformers.utils.logging.disable_progress_bar()
-    os.makedirs(args.output_dir, exist_ok=True)
+    launch.quiet_libraries()
     return accelerator
 
 
@@ -83,16 +76,43 @@ def checkpoint_dir(args: TrainArgs) -> str | None:
     return path
 
 
-def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
-    # ---- knobs: every check that needs no heavy import runs first
-    args = parse_args(recipe, argv)
-    if args.data_dir:
-        data.check_data_dir(args.data_dir)
-    from ab_accel.accelerate import check_launch
+def check_output_dir(args: TrainArgs, resume: str | None) -> None:
+    """Never write over another data set's finished run: its summary.json names its data."""
+    file = os.path.join(args.output_dir, "summary.json")
+    if resume or not os.path.exists(file):
+        return
+    with open(file) as fh:
+        before = json.load(fh).get("config", {})
+    mine = (os.path.abspath(args.data_dir) if args.data_dir else None, args.dataset_name)
+    theirs = (os.path.abspath(before["data_dir"]) if before.get("data_dir") else None,
+              before.get("dataset_name"))
+    if mine != theirs:
+        def name(pair: tuple) -> str:
+            return pair[0] or pair[1] or "digits"
+        raise ConfigError(f"--output_dir {args.output_dir} holds a finished run on "
+                          f"{name(theirs)}, not on {name(mine)}: pass another --output_dir "
+                          f"(or remove that folder).")
 
-    check_launch()  # accelerate launch --cpu --num_processes 4 starts one process: refused
+
+def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
+    # ---- knobs: every check that needs no heavy import runs first, in the order a user fixes
+    # them: the knobs and the data folder (parse), the launch, the launcher's settings, the
+    # run's length on this data, the AB groups
+    parsed = parse_args(recipe, argv)
+    launch.check_launch()  # accelerate launch --num_processes 4 on CPU starts one process
+    world = launched_world_size()
+    launch.check_launcher_settings(parsed.mixed_precision, parsed.gradient_accumulation_steps)
+    facts = data.survey(data.folder_images(parsed.data_dir)) if parsed.data_dir else None
+    early = None
+    if parsed.data_dir:  # the folder's count: a run of 0 steps is refused before any start-up
+        files = data.count_images(os.path.join(parsed.data_dir, "train"))
+        early = min(files, parsed.max_train_samples or files)
+    args, total_steps, _ = derive(parsed, recipe, world, early, facts)
     resume_dir, from_scratch = checkpoint_dir(args), not args.model_name_or_path
-    ab_config(args, launched_world_size(), from_scratch)  # groups that fit the launched world
+    check_output_dir(args, resume_dir)
+    config = ab_config(args, world, from_scratch)  # groups that fit the launched world
+    if total_steps is not None:
+        never_ab(config, total_steps, args)
     if from_scratch:
         modeling.check_model_keys(args.model_type, args.model)
     started = time.time()
@@ -118,13 +138,25 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     world, accumulation = accelerator.num_processes, args.gradient_accumulation_steps
     if args.batch_size % (world * accumulation):
         raise ConfigError(f"batch_size {args.batch_size} (global) does not split over {world} "
-                          f"processes x {accumulation} accumulation steps.")
+                          f"processes x {accumulation} accumulation steps: pass a multiple of "
+                          f"{world * accumulation}.")
 
-    # ---- data
+    # ---- data: what the run derives from it is decided on the exact count, and said once
     with accelerator.main_process_first():  # one process builds the datasets cache
         train_split, eval_split, data_desc = data.load_splits(args)
     labels = data.class_names(train_split)
+    if len(labels) < 2:
+        raise ConfigError(f"{data_desc} has {len(labels)} class(es): a classifier needs at "
+                          f"least two.")
+    if facts is None and parsed.dataset_name:
+        facts = data.survey([train_split[i]["image"] for i in range(min(64, len(train_split)))])
+    args, total_steps, said = derive(parsed, recipe, world, len(train_split), facts)
+    config = ab_config(args, world, from_scratch)
+    never_ab(config, total_steps, args)
     logger.info("data: %s", data_desc)
+    if said:
+        logger.info("derived from the data: %s", "; ".join(said))
+    os.makedirs(args.output_dir, exist_ok=True)  # every refusal is behind: now it is a run
     size, channels, mean, std = args.image_size, len(args.image_mean), args.image_mean, \
         args.image_std
     train_ds = data.ImageDataset(train_split, data.image_transform(
@@ -137,7 +169,6 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
 
     # ---- model, optimizer, AB-training (the one changed line: ab_accel.prepare), LR schedule
     model = modeling.build_model(args, labels)
-    config = ab_config(args, world, from_scratch)
     modeling.same_init_without_ab(model, config)
     optimizer = modeling.adamw(model, args)
     plugin = accelerator.state.deepspeed_plugin  # the JSON's key was read by ab_config: give
@@ -147,7 +178,9 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
         accelerator, model, optimizer, train_dl, eval_dl, config=config)
     ab_opt = ab_optimizer(optimizer) if config.enabled else None
     steps_per_epoch = -(-len(train_dl) // accumulation)
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    if total_steps != (args.max_steps or args.epochs * steps_per_epoch):  # args.derive's count
+        raise RuntimeError(f"{total_steps} steps planned, the loader gives "
+                           f"{args.max_steps or args.epochs * steps_per_epoch}")
     scheduler = modeling.lr_schedule(optimizer, total_steps, round(
         args.lr_warmup_epochs * steps_per_epoch), args.lr_start, args.min_lr)
     ddp = None  # --no-ab: what plain DP sends, counted by a DDP comm hook
@@ -206,6 +239,7 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
                     continue
                 record.step, record.lr, record.phase = record.step + 1, \
                     scheduler.get_last_lr()[0], phase_of(ab_opt)
+                launch.PROGRESS["step"] = record.step
                 scheduler.step()
                 if ddp is not None:
                     ddp.mark_step()
@@ -218,7 +252,7 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
                         progress.set_postfix(loss=f"{logged['loss']:.3f}", phase=logged["phase"])
                 if save:
                     record.elapsed, t0 = record.elapsed + time.time() - t0, time.time()
-                    save_state(accelerator, os.path.join(
+                    launch.PROGRESS["checkpoint"] = save_state(accelerator, os.path.join(
                         args.output_dir, "checkpoints", f"step_{record.step}"), meta=knobs)
                 if record.step >= total_steps:
                     break
@@ -263,13 +297,22 @@ def phase_of(ab_opt: Any) -> str:
     return str(ab_opt.schedule.phase(max(0, ab_opt.step_count - 1))) if ab_opt else "dp"
 
 
+def never_ab(config: Any, total_steps: int, args: TrainArgs) -> None:
+    """A run with AB-training on that would never reach an AB phase is refused before it
+    starts (it would be plain data parallel under another name)."""
+    from ab_accel.schedule import ABSchedule
+
+    if config.enabled and (why := ABSchedule.from_config(config).never_ab(total_steps)):
+        raise ConfigError(f"{why[0].upper()}{why[1:]} (warmup_steps {config.warmup_steps}, "
+                          f"sync_every {config.sync_every}). Or pass --no-ab for a plain "
+                          f"data-parallel run.")
+
+
 def main(recipe: Recipe, argv: Sequence[str]) -> None:
-    """The command line: a bad knob is one line on stderr and exit status 2, no traceback."""
+    """The command line: a refused setup is one line from rank 0 and exit status 2 on every
+    rank, Ctrl-C one line (recipes/launch.py); a real crash keeps its traceback."""
     try:
-        train(recipe, argv)
-    except (ConfigError, ABConfigError) as exc:
-        print(f"{recipe.name}.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        launch.run_main(f"{recipe.name}.py", lambda: train(recipe, argv))
     finally:  # the process groups go while the interpreter is whole (gloo's threads can
         dist = sys.modules.get("torch.distributed")  # abort a process in its teardown)
         if dist is not None and dist.is_available() and dist.is_initialized():

@@ -1,8 +1,10 @@
 """ViT image classification with AB-training (arXiv 2405.01067): the loop is train_image.py.
 
     accelerate launch --config_file configs/accelerate_cpu.yaml recipes/vit.py   # CPU, digits
+    accelerate launch --multi_gpu --num_processes 4 recipes/vit.py --data_dir my_images
+        # your own ImageNet-layout folder: shape, normalisation, schedule derived from it
     accelerate launch --config_file configs/accelerate_multigpu.yaml recipes/vit.py \\
-        --data_dir /data/imagenet     # the paper's ViT-B/16 schedule for this number of nodes
+        --config configs/vit_b16_imagenet.yaml --data_dir /data/imagenet  # the paper's ViT-B/16
 """
 
 import sys

@@ -1,6 +1,7 @@
 """`accelerate launch --use_deepspeed --deepspeed_config_file <json> recipes/vit.py`: the recipe
-takes its AB-training schedule from the JSON's top-level "ab_training" key and trains under a
-real DeepSpeed engine (ZeRO-0, gloo, CPU)."""
+takes its AB-training schedule from the JSON's top-level "ab_training" key (a command-line
+--ab_training.* value that agrees with it is named beside it; one that differs is refused:
+tests/test_recipes_newcomer.py) and trains under a real DeepSpeed engine (ZeRO-0, gloo, CPU)."""
 
 from __future__ import annotations
 
@@ -28,10 +29,12 @@ def test_vit_recipe_reads_the_ab_training_key_of_the_deepspeed_json(tmp_path):
     cmd = [accelerate, "launch", "--use_deepspeed", "--deepspeed_config_file",
            str(tmp_path / "ds.json"), "--num_processes", "2", "--num_machines", "1",
            "--main_process_port", str(free_port()), "recipes/vit.py", "--max_steps", "12",
+           "--ab_training.warmup_steps", "3",  # also in the JSON: two sources that agree
            "--output_dir", str(out), "--report_to", "none"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    assert 'the "ab_training" key of the DeepSpeed JSON' in proc.stderr
+    assert ('the DeepSpeed JSON\'s "ab_training" key and --ab_training.warmup_steps 3 on the '
+            'command line (both given; they agree)') in proc.stderr
     assert "(DEEPSPEED)" in proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     for key, value in block.items():
