@@ -655,7 +655,7 @@ def accelerate_state_saved_whole_and_checked(rank: int, world: int, tmp: str) ->
     from accelerate import Accelerator
 
     import ab_accel
-    from ab_accel.accelerate import check_state, load_state, save_state
+    from recipes.state import check_state, load_state, save_state
 
     acc = Accelerator(cpu=True)
     torch.manual_seed(0)
