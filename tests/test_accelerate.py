@@ -20,11 +20,10 @@ import torch
 
 from ab_accel import ABConfigError
 
-from distributed import free_port
+import train_digits as td  # tests/accel_scripts (pytest's pythonpath): the script's constants
+from distributed import free_port, script_env
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "accel_scripts", "train_digits.py")
-sys.path.insert(0, os.path.dirname(SCRIPT))
-import train_digits as td  # noqa: E402  (the script's constants: steps, schedule, clip norm)
 
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 RTOL, ATOL = 1e-5, 1e-7
@@ -32,7 +31,7 @@ TIMEOUT = 280  # seconds per launch (two launches share one test's 600 s pytest-
 
 
 def _run(command: list[str], out_dir: str, world: int, env: dict[str, str]) -> list[dict]:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+    full_env = {**script_env(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                 "DS_ACCELERATOR": "cpu", **env}
     # A stray ~/.cache/huggingface/accelerate/default_config.yaml must not change the launch:
     # the flags below say everything.
@@ -205,7 +204,6 @@ def test_factorized_dense_weight_is_released_under_ddp(main):
 def test_save_merged_reconciles_merges_and_saves_a_plain_module(main, tmp_path):
     from safetensors.torch import load_file
 
-    sys.path.insert(0, os.path.dirname(SCRIPT))
     import train_digits  # tests/accel_scripts/train_digits.py
 
     # The run stopped inside an AB phase: save_merged ran the final sync (on every rank) ...
