@@ -75,7 +75,7 @@ def latest_checkpoint(parent: str | os.PathLike) -> str | None:
 
     A child folder counts when it is an AB checkpoint itself, holds one in ``ab_training/``
     (a framework's checkpoint folder), or was written whole by
-    :func:`ab_accel.accelerate.save_state` (AB-training on or off); newest means the largest
+    ``save_state`` of recipes/state.py (AB-training on or off); newest means the largest
     number in its name (``step_120``, ``checkpoint-120``, ``global_step120``), then the latest
     modification.
     Folders of saves that did not finish (``*.tmp``, no manifest) are passed over.

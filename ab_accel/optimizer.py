@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import bookkeeping
 from . import switches as _switches
 from .comm import Communicator, TrafficMeter
 from .config import ABConfig
@@ -400,93 +401,17 @@ class ABOptimizer(WrappingOptimizer):
         skipped as non-finite, and this rank's traffic (:attr:`traffic`'s summary: sum it over
         the ranks for the run's). Local: no collective.
         """
-        switches = [w.to_dict() for w in self.switches]
-        facts = [w for w in switches if w["event"] == str(Event.FACTORIZE)]
-        last = facts[-1]["compression"] if facts else {}
-        when = "" if not facts else "at the end of the run" if facts[-1]["step"] >= \
-            self._step else f"at step {facts[-1]['step']}"
-        plan = self.groups.plan if self.groups is not None else None
-        return {
-            "config": self.config.to_dict(),
-            "group_size": plan.group_size if plan else 1,
-            "groups": [list(g) for g in plan.groups] if plan else [[0]],
-            "roles": [str(r) for r in plan.roles] if plan else [str(Role.AB)],
-            "phases": [(str(p), a, b) for p, a, b in self.schedule.describe(self._step)],
-            "switches": switches,
-            "sync_steps": [w["step"] for w in switches if w["event"] == str(Event.SYNC)],
-            "layer_ranks": self.ranks,
-            "compression": {
-                "ratio": last.get("ratio", 1.0),
-                "factorized_ratio": last.get("factorized_ratio", 1.0),
-                "params_dense": last.get("params_dense"), "params_ab": last.get("params_now"),
-                "of": f"parameter count, dense / AB, of the last factorization ({when}), from "
-                      f"ABOptimizer.switches" if facts else "no factorization happened",
-                "ratio_now": compression(self.model)["ratio"] if self.model is not None
-                else 1.0},
-            "skipped_steps": self.skipped_steps,
-            "traffic": self.traffic.summary(),
-        }
+        return bookkeeping.report(self)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The wrapped optimizer's state plus AB's: step, layer ranks, meter, groups."""
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "ab": {
-                "step": self._step,
-                "ranks": self.ranks,
-                "config": self.config.to_dict(),
-                "traffic": self.traffic.state_dict(),
-                "world_size": self.world_size,
-                "group_index": self.groups.group_index if self.groups else 0,
-                "switches": [sw.to_dict() for sw in self.switches],
-                "groups_differ": self.groups_differ,
-                **self.guard.state_dict(),
-            },
-        }
+        return bookkeeping.state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore a state from :meth:`state_dict`. Load the model's state first: the layers
         take their mode and rank from the model checkpoint."""
-        if "ab" not in state_dict:  # a plain optimizer state: no AB bookkeeping to restore
-            self.optimizer.load_state_dict(state_dict)
-            return
-        ab = state_dict["ab"]
-        if self.model is None:
-            # Not bound yet (e.g. Accelerate moving optimizer state to the device during
-            # prepare): the parameter lists are the constructor's, restore as they are.
-            self._step = int(ab["step"])
-            self.traffic.load_state_dict(ab["traffic"])
-            self._load_ab_counters(ab)
-            self.optimizer.load_state_dict(state_dict["optimizer"])
-            return
-        same_model = not ab.get("groups_differ", True)
-        if (self.groups is not None and ab["world_size"] != self.world_size
-                and not (self.config.accept_resume_changes and same_model)):
-            raise ValueError(
-                f"This AB checkpoint was written by {ab['world_size']} ranks and is loaded by "
-                f"{self.world_size}: AB groups hold different states, so resume with the same "
-                f"number of processes (or merge() the model and start a new run)."
-            )
-        saved_ranks = ab["ranks"]
-        for name, layer in self._layers:
-            if saved_ranks.get(name) != layer.rank:
-                raise ValueError(
-                    f"Layer {name!r} has rank {layer.rank} but the optimizer checkpoint expects "
-                    f"{saved_ranks.get(name)}: load the model's state_dict before the "
-                    f"optimizer's."
-                )
-        self._step = int(ab["step"])
-        self.traffic.load_state_dict(ab["traffic"])
-        self._load_ab_counters(ab)
-        self._refresh()
-        self._apply_roles()
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        self._reduced = False
-
-    def _load_ab_counters(self, ab: dict[str, Any]) -> None:
-        self.switches = [Switch.from_dict(sw) for sw in ab.get("switches", [])]
-        self.guard.load_state_dict(ab)
+        bookkeeping.load_state_dict(self, state_dict)
 
 
 __all__ = ["ABOptimizer", "NonFiniteError", "Switch"]
