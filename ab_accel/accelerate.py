@@ -35,10 +35,10 @@ What else :func:`prepare` sets up (DDP or one process; under DeepSpeed,
 Refused, before anything is changed: FSDP, Megatron-LM, XLA/TPU, tensor or context
 parallelism, fp16 and fp8 mixed precision, ``torch.compile`` through Accelerate, and DDP
 communication hooks or ``static_graph``: each error says what to use instead. Under DeepSpeed
-the DeepSpeed integration's ``check_config`` runs before and ``attach`` after preparing (a
-sibling module, imported by name when Accelerate runs DeepSpeed: the two never import each
-other). What the integrations share is in :mod:`ab_accel.attach`; every patch of an Accelerate
-object is in :mod:`ab_accel.patches`.
+:func:`ab_accel.ds_config.check_config` runs before and :func:`ab_accel.engine.attach` after
+preparing (shared with the DeepSpeed integration, which this module does not import). What the
+integrations share is in :mod:`ab_accel.attach`; every patch of an Accelerate object is in
+:mod:`ab_accel.patches`.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ from .attach import (
 from .checkpoint import SHARDS_DIR
 from .config import ABConfig, ABConfigError, resolve_config
 from .ddp import ignore_factorized_weights
+from .ds_config import check_config
+from .engine import attach as attach_engine
 from .model import ab_layers, convert, why_nothing_to_factorize
 from .optimizer import ABOptimizer
 
@@ -131,8 +133,8 @@ def prepare(accelerator: Any, *objects: Any, config: ABConfig | dict | None = No
         ab = given
     else:
         ab = ABOptimizer(given, None, cfg)
-    if deepspeed is not None:
-        deepspeed.check_config(accelerator.state.deepspeed_plugin.deepspeed_config)
+    if deepspeed:
+        check_config(accelerator.state.deepspeed_plugin.deepspeed_config)
 
     convert(model, cfg)
     if not any(True for _ in ab_layers(model)):
@@ -146,17 +148,17 @@ def prepare(accelerator: Any, *objects: Any, config: ABConfig | dict | None = No
     # DeepSpeed's engine must call ABOptimizer.step(); under DDP (or one process) Accelerate
     # prepares the plain optimizer (its state is moved to the device) and the ABOptimizer is
     # put inside Accelerate's wrapper afterwards.
-    to_prepare[opt_index] = ab if deepspeed is not None else ab.optimizer
+    to_prepare[opt_index] = ab if deepspeed else ab.optimizer
     result = accelerator.prepare(*to_prepare)
     prepared = list(result) if isinstance(result, (tuple, list)) else [result]
     prepared_model, prepared_opt = prepared[model_index], prepared[opt_index]
 
-    if deepspeed is not None:
+    if deepspeed:
         # The prepared model is the DeepSpeed engine. attach() replaces its gradient
         # all-reduce and fp32 clipping by the AB ones, binds the ABOptimizer to engine.module
         # and keeps one shard per group in engine.save_checkpoint / load_checkpoint (which
         # accelerator.save_state / load_state call under DeepSpeed).
-        deepspeed.attach(prepared_model, ab)
+        attach_engine(prepared_model, ab)
         wire(ab, prepared_model.module, prepared_model.is_gradient_accumulation_boundary,
              prepared_opt, framework="deepspeed")
         patches.add_view_class(prepared_opt, ABOptimizerView)
@@ -220,9 +222,9 @@ def _resolve_config(accelerator: Any, opt: Any, config: ABConfig | dict | None) 
         fallback=ABConfig()).config
 
 
-def _check_supported(accelerator: Any) -> Any:
-    """Refuse what AB-training cannot run (the table in :mod:`ab_accel.support`). Returns the
-    DeepSpeed integration module under DeepSpeed, else None."""
+def _check_supported(accelerator: Any) -> bool:
+    """Refuse what AB-training cannot run (the table in :mod:`ab_accel.support`). Returns
+    whether Accelerate runs DeepSpeed."""
     kind = accelerator.distributed_type
     name = kind.value if isinstance(kind, DistributedType) else str(kind)
     where, acc = "under Accelerate", support.ACCELERATE
@@ -243,7 +245,7 @@ def _check_supported(accelerator: Any) -> Any:
         support.refuse(support.problem("compile", "torch.compile through Accelerate "
                                        "(dynamo_backend)", acc), where)
     if name == "DEEPSPEED":
-        return _deepspeed_integration()
+        return True
     if name != "NO" and name not in _DDP_TYPES:
         raise support.UnsupportedSetupError(
             f"AB-training has not been made to run under distributed type {name}. Use plain "
@@ -258,20 +260,7 @@ def _check_supported(accelerator: Any) -> Any:
         if handler.static_graph:
             support.refuse(support.problem(
                 "ddp_static_graph", "DistributedDataParallelKwargs(static_graph=True)", acc), where)
-    return None
-
-
-def _deepspeed_integration() -> Any:
-    """The sibling integration ``ab_accel.deepspeed`` (its ``check_config`` and ``attach``),
-    imported by name: it needs DeepSpeed, which a DDP run does not."""
-    try:
-        return importlib.import_module("ab_accel.deepspeed")
-    except ImportError as exc:
-        raise NotImplementedError(
-            f"ab_accel.prepare under DeepSpeed needs ab_accel.deepspeed, which could not be "
-            f"imported ({exc}). Use plain data parallel (`accelerate launch --multi_gpu`) "
-            f"meanwhile."
-        ) from exc
+    return False
 
 
 # ---------------------------------------------------------------------------------- optimizer
