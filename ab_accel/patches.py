@@ -72,8 +72,9 @@ def require(obj: Any, attr: str, framework: str, why: str) -> None:
     """The version guard of a patch: refuse when ``obj`` lacks ``attr`` (the framework changed
     what the patch replaces), naming the installed version and the tested range."""
     if not hasattr(obj, attr):
+        owner = obj.__name__ if isinstance(obj, type) else type(obj).__name__
         raise UnsupportedSetupError(
-            f"{framework} {_version(framework)} has no {type(obj).__name__}.{attr}, which "
+            f"{framework} {_version(framework)} has no {owner}.{attr}, which "
             f"ab_accel patches to {why}; ab_accel was made for {framework} "
             f"{TESTED[framework]}. Install a {framework} version of that range (see "
             f"requirements/lock.txt), or train without AB-training.")
@@ -207,8 +208,12 @@ def prepare_then(trainer: Any, after: Callable[[tuple[Any, ...]], None]) -> None
     has no public hook between its ``accelerator.prepare`` (which makes the DDP wrapper) and
     its checkpoint loading, and AB-training must bind to the prepared model and optimizer in
     between. On this trainer's accelerator only."""
+    # The overrides are ABTrainer's own methods: the guard checks that transformers' Trainer
+    # still has each (a method it no longer calls would silently stop applying).
+    base = next((k for k in type(trainer).__mro__ if k.__module__.startswith("transformers")),
+                None)
     for name, why in TRAINER_OVERRIDES.items():
-        require(trainer, name, "transformers", why)
+        require(base, name, "transformers", why)
     prepare = trainer.accelerator.prepare
 
     def prepare_with_ab(*objects: Any, **kwargs: Any) -> Any:
