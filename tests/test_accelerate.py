@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -300,3 +301,48 @@ def test_accelerate_launch_cpu_with_several_processes_is_refused_by_prepare():
         check_launch(one_of_four)
     check_launch({**one_of_four, "WORLD_SIZE": "4"})  # a real multi-process launch
     check_launch({"ACCELERATE_USE_CPU": "true"})  # one process, asked for
+
+
+def accelerate_load_state_without_shards(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    """accelerator.save_state mid-AB-phase, the AB shards removed, accelerator.load_state."""
+    import shutil
+
+    from accelerate import Accelerator
+
+    import ab_accel
+
+    from scenarios import flat_named, loss_of, small_cnn
+
+    acc = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    cfg = ab_accel.ABConfig(warmup_steps=1, sync_every=4, rebound_steps=1, rank_fraction=0.5)
+    model = small_cnn()
+    model, opt = ab_accel.prepare(acc, model, torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                  config=cfg)
+    for step in range(2):
+        opt.zero_grad()
+        acc.backward(loss_of(model, rank, step))
+        opt.step()
+    folder = os.path.join(tmp, "state")
+    acc.save_state(folder)
+    acc.wait_for_everyone()
+    if rank == 0:
+        shutil.rmtree(os.path.join(folder, "ab_training"))
+    acc.wait_for_everyone()
+    before = flat_named(model)
+    try:
+        acc.load_state(folder)
+        error = None
+    except ab_accel.CheckpointError as exc:
+        error = str(exc)
+    after = flat_named(model)
+    return {"error": error, "untouched": all(torch.equal(before[k], after[k]) for k in before)}
+
+
+def test_a_state_folder_without_ab_shards_is_refused_naming_the_file_on_every_rank(tmp_path):
+    from distributed import run_distributed
+
+    for r in run_distributed(accelerate_load_state_without_shards, 2, str(tmp_path)):
+        assert r["error"] is not None and "ab_meta.json" in r["error"], r["error"]
+        assert os.path.join(str(tmp_path), "state", "ab_training") in r["error"]
+        assert r["untouched"]
