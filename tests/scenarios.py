@@ -52,37 +52,49 @@ def flat_named(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class CollectiveSpy:
-    """Counts the bytes of every torch.distributed collective call that really runs.
+    """Counts the bytes of every torch.distributed collective call that really runs (the one
+    spy of the tests: ab_accel's collectives and deepspeed.comm's go through these functions).
 
-    It wraps (does not replace) dist.all_reduce / dist.broadcast / dist.all_gather: the real
-    collective still runs; the spy only adds up the sizes of the tensors passed in.
+    It wraps (does not replace) the functions: the real collective still runs; the spy adds up
+    the sizes of the tensors passed in (a list of tensors: their sum). ``calls`` counts them;
+    ``per_call`` holds (group ranks, bytes), ``sizes`` (bytes, dtype) of every call in issue
+    order; ``groups`` and ``devices`` what they ran over and on.
     """
 
-    NAMES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter")
+    NAMES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+             "reduce_scatter_tensor", "all_reduce_coalesced", "reduce")
 
     def __init__(self) -> None:
         self.bytes = 0
         self.calls = 0
         self.groups: list[tuple[int, ...]] = []
-        self.sizes: list[tuple[int, str]] = []  # (bytes, dtype) of every call, in issue order
+        self.per_call: list[tuple[tuple[int, ...], int]] = []
+        self.sizes: list[tuple[int, str]] = []
         self.devices: set[str] = set()
         self._orig: dict[str, Callable] = {}
 
     def __enter__(self) -> CollectiveSpy:
         for name in self.NAMES:
-            orig = getattr(dist, name)
+            orig = getattr(dist, name, None)
+            if orig is None:
+                continue
             self._orig[name] = orig
 
-            def wrapper(tensor, *args, _orig=orig, **kwargs):
-                self.calls += 1
-                self.bytes += tensor.numel() * tensor.element_size()
-                self.sizes.append((tensor.numel() * tensor.element_size(), str(tensor.dtype)))
-                self.devices.add(str(tensor.device))
+            def wrapper(*args, _orig=orig, **kwargs):
+                tensor = args[0] if args else kwargs.get("tensor", kwargs.get("tensors"))
+                tensors = tensor if isinstance(tensor, (list, tuple)) else [tensor]
+                nbytes = sum(t.numel() * t.element_size() for t in tensors)
                 group = kwargs.get("group")
                 ranks = tuple(dist.get_process_group_ranks(group)) if group is not None \
                     else tuple(range(dist.get_world_size()))
+                self.calls += 1
+                self.bytes += nbytes
                 self.groups.append(ranks)
-                return _orig(tensor, *args, **kwargs)
+                self.per_call.append((ranks, nbytes))
+                if tensors:
+                    self.sizes.append((nbytes, str(tensors[0].dtype)))
+                    self.devices.add(str(tensors[0].device))
+                return _orig(*args, **kwargs)
 
             setattr(dist, name, wrapper)
         return self
