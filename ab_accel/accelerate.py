@@ -34,17 +34,17 @@ What else :func:`prepare` sets up (DDP or one process; under DeepSpeed,
 
 Refused, before anything is changed: FSDP, Megatron-LM, XLA/TPU, tensor or context
 parallelism, fp16 and fp8 mixed precision, ``torch.compile`` through Accelerate, and DDP
-communication hooks or ``static_graph``: each error says what to use instead. DeepSpeed is
-handed to :mod:`ab_accel.deepspeed` (``check_config`` before, ``attach`` after preparing).
+communication hooks or ``static_graph``: each error says what to use instead. Under DeepSpeed
+:func:`ab_accel.ds_config.check_config` runs before and :func:`ab_accel.engine.attach` after
+preparing (shared with the DeepSpeed integration, which this module does not import). What the
+integrations share is in :mod:`ab_accel.attach`; every patch of an Accelerate object is in
+:mod:`ab_accel.patches`.
 """
 
 from __future__ import annotations
 
-import functools
-import json
+import importlib
 import os
-import shutil
-import warnings
 from typing import Any
 
 import torch
@@ -52,19 +52,21 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
 from torch import nn
 
-from . import support
-from .checkpoint import (
-    META,
-    SHARDS_DIR,
-    STATE_MANIFEST,
-    CheckpointError,
-    check_files,
-    is_complete,
-    load_checkpoint,
-    save_checkpoint,
+from . import patches, support
+from .attach import (
+    ab_optimizer,
+    load_shards,
+    reduce_before_clip,
+    save_merged,
+    save_shards,
+    shards_dir,
+    wire,
 )
+from .checkpoint import SHARDS_DIR
 from .config import ABConfig, ABConfigError, resolve_config
-from .ddp import hand_reduction_to_ab, ignore_factorized_weights
+from .ddp import ignore_factorized_weights
+from .ds_config import check_config
+from .engine import attach as attach_engine
 from .model import ab_layers, convert, why_nothing_to_factorize
 from .optimizer import ABOptimizer
 
@@ -81,26 +83,6 @@ _REFUSED_TYPES = {"FSDP": "fsdp", "MEGATRON_LM": "megatron", "XLA": "xla"}
 
 
 # ---------------------------------------------------------------------------------- public
-def ab_optimizer(obj: Any) -> ABOptimizer:
-    """The :class:`~ab_accel.ABOptimizer` inside ``obj``.
-
-    ``obj`` may be the ABOptimizer itself, the optimizer :func:`prepare` returned (Accelerate's
-    ``AcceleratedOptimizer`` or DeepSpeed wrapper) or a DeepSpeed engine: the ``.optimizer``
-    chain is followed until the ABOptimizer is found.
-    """
-    seen: set[int] = set()
-    current = obj
-    while current is not None and id(current) not in seen:
-        if isinstance(current, ABOptimizer):
-            return current
-        seen.add(id(current))
-        current = getattr(current, "optimizer", None)
-    raise TypeError(
-        f"No ABOptimizer inside {type(obj).__name__}: pass the optimizer returned by "
-        f"ab_accel.prepare (or ab_accel.deepspeed.initialize)."
-    )
-
-
 def prepare(accelerator: Any, *objects: Any, config: ABConfig | dict | None = None) -> Any:
     """``accelerator.prepare(*objects)`` with AB-training (arXiv 2405.01067).
 
@@ -138,7 +120,7 @@ def prepare(accelerator: Any, *objects: Any, config: ABConfig | dict | None = No
         return accelerator.prepare(*plain)
 
     # Everything that can be refused is refused here, before the model is touched.
-    deepspeed_hooks = _check_supported(accelerator)
+    deepspeed = _check_supported(accelerator)
     cfg.resolve_group_size(accelerator.num_processes)
     model = objects[model_index]
     if isinstance(given, ABOptimizer):
@@ -151,8 +133,8 @@ def prepare(accelerator: Any, *objects: Any, config: ABConfig | dict | None = No
         ab = given
     else:
         ab = ABOptimizer(given, None, cfg)
-    if deepspeed_hooks is not None:
-        deepspeed_hooks[0](accelerator.state.deepspeed_plugin.deepspeed_config)
+    if deepspeed:
+        check_config(accelerator.state.deepspeed_plugin.deepspeed_config)
 
     convert(model, cfg)
     if not any(True for _ in ab_layers(model)):
@@ -166,30 +148,24 @@ def prepare(accelerator: Any, *objects: Any, config: ABConfig | dict | None = No
     # DeepSpeed's engine must call ABOptimizer.step(); under DDP (or one process) Accelerate
     # prepares the plain optimizer (its state is moved to the device) and the ABOptimizer is
     # put inside Accelerate's wrapper afterwards.
-    to_prepare[opt_index] = ab if deepspeed_hooks is not None else ab.optimizer
+    to_prepare[opt_index] = ab if deepspeed else ab.optimizer
     result = accelerator.prepare(*to_prepare)
     prepared = list(result) if isinstance(result, (tuple, list)) else [result]
     prepared_model, prepared_opt = prepared[model_index], prepared[opt_index]
 
-    if deepspeed_hooks is not None:
+    if deepspeed:
         # The prepared model is the DeepSpeed engine. attach() replaces its gradient
         # all-reduce and fp32 clipping by the AB ones, binds the ABOptimizer to engine.module
         # and keeps one shard per group in engine.save_checkpoint / load_checkpoint (which
         # accelerator.save_state / load_state call under DeepSpeed).
-        deepspeed_hooks[1](prepared_model, ab)
-        if ab.model is None:
-            ab.bind(prepared_model.module)
-        if getattr(prepared_opt, "optimizer", None) is ab.optimizer:
-            prepared_opt.optimizer = ab
-        _add_ab_view(prepared_opt)
+        attach_engine(prepared_model, ab)
+        wire(ab, prepared_model.module, prepared_model.is_gradient_accumulation_boundary,
+             prepared_opt, framework="deepspeed")
+        patches.add_view_class(prepared_opt, ABOptimizerView)
         return result
-    if isinstance(prepared_model, nn.parallel.DistributedDataParallel):
-        hand_reduction_to_ab(prepared_model)
-    prepared_opt.optimizer = ab
     # The overlapped reduction launches only on accumulation boundaries.
-    ab.launch_predicate = lambda: accelerator.sync_gradients
-    ab.bind(prepared_model)
-    _add_ab_view(prepared_opt)
+    wire(ab, prepared_model, lambda: accelerator.sync_gradients, prepared_opt)
+    patches.add_view_class(prepared_opt, ABOptimizerView)
     _register(accelerator, prepared_model, prepared_opt, ab)
     return result
 
@@ -246,9 +222,9 @@ def _resolve_config(accelerator: Any, opt: Any, config: ABConfig | dict | None) 
         fallback=ABConfig()).config
 
 
-def _check_supported(accelerator: Any) -> tuple[Any, Any] | None:
+def _check_supported(accelerator: Any) -> bool:
     """Refuse what AB-training cannot run (the table in :mod:`ab_accel.support`). Returns
-    DeepSpeed's (check_config, attach) under DeepSpeed, else None."""
+    whether Accelerate runs DeepSpeed."""
     kind = accelerator.distributed_type
     name = kind.value if isinstance(kind, DistributedType) else str(kind)
     where, acc = "under Accelerate", support.ACCELERATE
@@ -269,7 +245,7 @@ def _check_supported(accelerator: Any) -> tuple[Any, Any] | None:
         support.refuse(support.problem("compile", "torch.compile through Accelerate "
                                        "(dynamo_backend)", acc), where)
     if name == "DEEPSPEED":
-        return _deepspeed_hooks()
+        return True
     if name != "NO" and name not in _DDP_TYPES:
         raise support.UnsupportedSetupError(
             f"AB-training has not been made to run under distributed type {name}. Use plain "
@@ -284,27 +260,7 @@ def _check_supported(accelerator: Any) -> tuple[Any, Any] | None:
         if handler.static_graph:
             support.refuse(support.problem(
                 "ddp_static_graph", "DistributedDataParallelKwargs(static_graph=True)", acc), where)
-    return None
-
-
-def _deepspeed_hooks() -> tuple[Any, Any]:
-    try:
-        from . import deepspeed as ab_deepspeed
-    except ImportError as exc:
-        raise NotImplementedError(
-            f"ab_accel.prepare under DeepSpeed needs ab_accel.deepspeed, which could not be "
-            f"imported ({exc}). Use plain data parallel (`accelerate launch --multi_gpu`) "
-            f"meanwhile."
-        ) from exc
-    check = getattr(ab_deepspeed, "check_config", None)
-    attach = getattr(ab_deepspeed, "attach", None)
-    if check is None or attach is None:
-        raise NotImplementedError(
-            "ab_accel.prepare under DeepSpeed needs ab_accel.deepspeed.check_config and "
-            "ab_accel.deepspeed.attach, which this version of ab_accel does not provide. Use "
-            "plain data parallel (`accelerate launch --multi_gpu`) meanwhile."
-        )
-    return check, attach
+    return False
 
 
 # ---------------------------------------------------------------------------------- optimizer
@@ -349,29 +305,9 @@ class ABOptimizerView:
         # accelerator.load_state reads the MAIN process's optimizer file into every rank, right
         # after its pre-hooks ran; the load pre-hook has already restored this rank's own
         # group shard and asked to skip that one load.
-        if self.__dict__.pop("_ab_skip_next_load", False):
+        if patches.take_skip_next_load(self):
             return
         super().load_state_dict(state_dict)  # type: ignore[misc]
-
-
-_VIEW_CLASSES: dict[type, type] = {}
-
-
-def _add_ab_view(prepared_opt: Any) -> None:
-    """Give the prepared optimizer the AB attributes, keeping its identity (Accelerate's
-    ``_optimizers`` list and the LR scheduler wrappers refer to this very object).
-
-    A patch of this one object's class (a subclass that adds read-only properties): Accelerate
-    has no extension point for its optimizer wrapper, and a new wrapper object would not be
-    the one its scheduler and ``save_state`` hold."""
-    cls = type(prepared_opt)
-    if issubclass(cls, ABOptimizerView):
-        return
-    view = _VIEW_CLASSES.get(cls)
-    if view is None:
-        view = type(f"AB{cls.__name__}", (ABOptimizerView, cls), {"__module__": __name__})
-        _VIEW_CLASSES[cls] = view
-    prepared_opt.__class__ = view
 
 
 # ---------------------------------------------------------------------------------- accelerator
@@ -381,180 +317,57 @@ def _register(accelerator: Any, model: nn.Module, prepared_opt: Any, ab: ABOptim
     raw_model = accelerator.unwrap_model(model)
     registered: list[ABOptimizer] = accelerator.__dict__.setdefault("_ab_optimizers", [])
     registered.append(ab)
-    _wrap_clipping(accelerator)
+    patches.clip_reduces_first(
+        accelerator, lambda params: reduce_before_clip(accelerator.__dict__["_ab_optimizers"],
+                                                       params))
 
     def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
-        save_checkpoint(os.path.join(output_dir, CHECKPOINT_DIR), model, ab)
+        save_shards(output_dir, model, ab)
 
     def load_hook(models: list[Any], input_dir: str) -> None:
-        folder = os.path.join(input_dir, CHECKPOINT_DIR)
-        if not is_complete(folder):
-            warnings.warn(
-                f"{input_dir!r} holds no AB-training shards ({CHECKPOINT_DIR}/{META}): every "
-                f"rank loads the main process's model and optimizer state, and the AB step "
-                f"count restarts from the optimizer file's.", stacklevel=3)
-            return
         # Accelerate would load the main process's model file into every rank next (its
-        # list holds the model as it was before the DDP wrapping).
+        # list holds the model as it was before the DDP wrapping). A folder without shards
+        # is refused (the file named), before anything is loaded.
         models[:] = [m for m in models if m is not model and m is not raw_model]
-        load_checkpoint(folder, model, ab)
-        prepared_opt.__dict__["_ab_skip_next_load"] = True
+        load_shards(input_dir, model, ab)
+        patches.skip_next_optimizer_load(prepared_opt)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def _wrap_clipping(accelerator: Any) -> None:
-    """Make this accelerator's clip_grad_norm_ / clip_grad_value_ clip REDUCED gradients.
-
-    A patch, on this accelerator only: Accelerate clips whatever gradients the parameters hold,
-    and it has no hook before clipping, while the AB reduction runs in the optimizer (under DDP
-    the gradients are reduced by the end of backward, which is what its users expect)."""
-    if accelerator.__dict__.get("_ab_clip_wrapped"):
-        return
-    accelerator.__dict__["_ab_clip_wrapped"] = True
-
-    def reduce_first(method: Any) -> Any:
-        @functools.wraps(method)
-        def wrapper(parameters: Any, *args: Any, **kwargs: Any) -> Any:
-            if isinstance(parameters, torch.Tensor):
-                parameters = [parameters]
-            parameters = list(parameters)  # often a generator: read it once, pass it on
-            # Only on an accumulation boundary: inside an accumulation window nothing may be
-            # reduced (the step at the boundary reduces the accumulated sum once).
-            if accelerator.sync_gradients:
-                ids = {id(p) for p in parameters}
-                for ab in accelerator.__dict__.get("_ab_optimizers", []):
-                    if any(id(p) in ids for p in ab.trained_params()):
-                        ab.synchronize()
-            return method(parameters, *args, **kwargs)
-        return wrapper
-
-    accelerator.clip_grad_norm_ = reduce_first(accelerator.clip_grad_norm_)
-    accelerator.clip_grad_value_ = reduce_first(accelerator.clip_grad_value_)
-
-
 def check_launch(environ: Any = None) -> None:
-    """Refuse ``accelerate launch --cpu --num_processes N`` (N > 1): Accelerate's simple
-    launcher starts ONE process then, with MASTER_ADDR/MASTER_PORT set for the N wanted but no
-    WORLD_SIZE (a real multi-process launcher sets WORLD_SIZE, mpirun its own size variable).
-    :func:`prepare` calls it; a script may call it first thing, before any work."""
+    """Refuse a launch that started ONE process where several were asked for: Accelerate's
+    simple launcher (``accelerate launch --cpu --num_processes N``, or ``--num_processes N``
+    without ``--multi_gpu`` on a machine without GPUs) sets MASTER_ADDR/MASTER_PORT for the N
+    wanted but no WORLD_SIZE (a real multi-process launcher sets WORLD_SIZE, mpirun its own
+    size variable). :func:`prepare` calls it; a script may call it first thing, before any work.
+    (The recipes run a richer check first that prints the exact command: recipes/launch.py.)"""
     env = os.environ if environ is None else environ
     sizes = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
     if "ACCELERATE_USE_CPU" in env and "MASTER_PORT" in env and not any(v in env for v in sizes):
+        why = ("--cpu makes accelerate launch use its simple launcher"
+               if env["ACCELERATE_USE_CPU"].lower() in ("true", "1") else
+               "without --multi_gpu (or a --config_file that sets it) accelerate launch uses "
+               "its simple launcher on a machine without GPUs")
         raise ABConfigError(
-            "accelerate launch --cpu with --num_processes > 1 starts ONE process (accelerate's "
-            "simple launcher), not the number asked for. For N CPU processes run `accelerate "
-            "launch --multi_gpu --num_processes N ...` with ACCELERATE_USE_CPU=true (or "
-            "Accelerator(cpu=True) in the script), e.g. `accelerate launch --config_file "
-            "configs/accelerate_cpu.yaml`.")
+            f"accelerate launch starts ONE process here, not the number asked for ({why}). For N "
+            f"CPU processes run `accelerate launch --multi_gpu --num_processes N ...` without "
+            f"--cpu, with ACCELERATE_USE_CPU=true (or Accelerator(cpu=True) in the script), "
+            f"e.g. `accelerate launch --config_file configs/accelerate_cpu.yaml`.")
 
 
-# ---------------------------------------------------------------------------------- the end
-def save_merged(accelerator: Any, model: Any, optimizer: Any = None,
-                output_dir: str | os.PathLike | None = None, *, processor: Any = None
-                ) -> dict[str, Any]:
-    """The end of an Accelerate run in one call: the model back as plain dense layers, saved.
+def __getattr__(name: str) -> Any:
+    """``save_state``, ``check_state`` and ``load_state`` moved to ``recipes/state.py`` (they
+    are not AB-training): the old import path still finds them there, with a warning."""
+    if name in ("save_state", "check_state", "load_state"):
+        import warnings
 
-    With the optimizer :func:`prepare` returned (None or a plain one: AB-training was off),
-    :meth:`ABOptimizer.finalize` reconciles the groups if the run stopped inside an AB phase
-    (one sync, metered); then :func:`ab_accel.merge` turns every AB layer of the unwrapped
-    model into a dense one of its original type (W = A B) on every process, and the main
-    process saves it with ``save_pretrained`` (plus ``processor.save_pretrained``: an image
-    processor or tokenizer) into ``output_dir`` (None: nothing is saved): plain transformers
-    loads the folder. A model without ``save_pretrained`` (a plain torch module) is saved with
-    ``accelerator.save_model``: ``model.safetensors`` under the original module's keys.
-    Collective: every process calls it. Training cannot continue afterwards; evaluate
-    ``accelerator.unwrap_model(model)``, the merged model. Returns ``{"dir", "final_sync"}``
-    (whether this call ran a sync) and, when AB-training ran, ``"compression"``: the dense /
-    AB parameter count of the last factorization (:meth:`ABOptimizer.report`, which says what
-    it is measured on).
-    """
-    from .model import merge
-
-    opt = None
-    if optimizer is not None:
-        try:
-            opt = ab_optimizer(optimizer)
-        except TypeError:
-            pass  # a plain optimizer: AB-training off
-    facts: dict[str, Any] = {"dir": os.fspath(output_dir) if output_dir else None,
-                             "final_sync": bool(opt and opt.finalize())}
-    if opt is not None:
-        facts["compression"] = opt.report()["compression"]
-    unwrapped = merge(accelerator.unwrap_model(model))  # forward left as prepared
-    if output_dir and not hasattr(unwrapped, "save_pretrained"):  # a plain torch module
-        accelerator.save_model(unwrapped, output_dir)  # model.safetensors (every process calls)
-    elif output_dir and accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir)
-    if output_dir and processor is not None and accelerator.is_main_process:
-        processor.save_pretrained(output_dir)
-    accelerator.wait_for_everyone()
-    return facts
-
-
-# ---------------------------------------------------------------------------------- checkpoints
-def save_state(accelerator: Any, directory: str | os.PathLike, meta: Any = None) -> str:
-    """``accelerator.save_state(directory)``, atomically: a folder named ``directory`` is whole.
-
-    Everything is written into ``<directory>.tmp`` (the AB shards in ``ab_training/`` by the
-    save-state hook :func:`prepare` registered), then the main process lists every file with
-    its size in ``ab_state.json``, with ``meta`` (anything JSON can hold, e.g. the run's
-    settings), and renames the folder. :func:`ab_accel.latest_checkpoint` picks the newest such
-    folder and passes over a save that died half-way. Collective: every process calls it.
-    Works with AB-training off too. Returns the folder.
-    """
-    final = os.path.normpath(os.fspath(directory))
-    tmp = final + ".tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = {os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
-                 for d, _, names in os.walk(tmp) for f in names}
-        with open(os.path.join(tmp, STATE_MANIFEST), "w") as fh:
-            json.dump({"world_size": accelerator.num_processes, "files": files, "meta": meta},
-                      fh, indent=1, default=str)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def check_state(accelerator: Any, directory: str | os.PathLike) -> Any:
-    """Check a folder :func:`save_state` wrote, before anything is loaded from it.
-
-    Every process checks the manifest (every file present, of its recorded size) and the
-    processes agree: a missing or truncated file is one :class:`~ab_accel.CheckpointError`
-    naming it, on every process. (The AB shards are checked again against their checksums by
-    the load-state hook.) Returns the ``meta`` given to :func:`save_state`.
-    """
-    from accelerate.utils import gather_object
-
-    directory = os.fspath(directory)
-    problem, saved = None, None
-    manifest = os.path.join(directory, STATE_MANIFEST)
-    if not os.path.isfile(manifest):
-        problem = (f"{directory!r} is not a complete checkpoint (no {STATE_MANIFEST}: "
-                   f"ab_accel.accelerate.save_state writes it last): resume from another one.")
-    else:
-        with open(manifest) as fh:
-            saved = json.load(fh)
-        problem = check_files(directory, saved["files"])
-    problems = gather_object([problem]) if accelerator.num_processes > 1 else [problem]
-    if any(problems):
-        raise CheckpointError(next(p for p in problems if p))
-    return saved["meta"]
-
-
-def load_state(accelerator: Any, directory: str | os.PathLike) -> Any:
-    """:func:`check_state`, then ``accelerator.load_state(directory)``; returns the ``meta``."""
-    meta = check_state(accelerator, directory)
-    accelerator.load_state(directory)
-    return meta
+        warnings.warn(f"ab_accel.accelerate.{name} moved to recipes/state.py (import "
+                      f"recipes.state)", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module("recipes.state"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["prepare", "ab_optimizer", "ABOptimizerView", "CHECKPOINT_DIR", "check_launch",
-           "save_merged", "save_state", "check_state", "load_state"]
+           "save_merged", "shards_dir"]

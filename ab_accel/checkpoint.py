@@ -75,7 +75,7 @@ def latest_checkpoint(parent: str | os.PathLike) -> str | None:
 
     A child folder counts when it is an AB checkpoint itself, holds one in ``ab_training/``
     (a framework's checkpoint folder), or was written whole by
-    :func:`ab_accel.accelerate.save_state` (AB-training on or off); newest means the largest
+    ``save_state`` of recipes/state.py (AB-training on or off); newest means the largest
     number in its name (``step_120``, ``checkpoint-120``, ``global_step120``), then the latest
     modification.
     Folders of saves that did not finish (``*.tmp``, no manifest) are passed over.
@@ -184,8 +184,7 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: A
     ``model_only`` the optimizer state is left alone.
     """
     directory = os.fspath(directory)
-    problem, meta = _check(directory, optimizer)
-    _agree_or_raise(problem, optimizer)
+    meta = check_checkpoint(directory, optimizer)
     gi = _shard_for(meta, optimizer)
     with open(os.path.join(directory, shard_name(gi)), "rb") as fh:
         state = torch.load(io.BytesIO(fh.read()), map_location=map_location, weights_only=False)
@@ -193,6 +192,16 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: A
     if not model_only:
         optimizer.load_state_dict(state["optimizer"])
     return state.get("extra", {})
+
+
+def check_checkpoint(directory: str | os.PathLike, optimizer: ABOptimizer) -> dict[str, Any]:
+    """Check ``directory`` for this run before anything is loaded from it (or from the
+    framework's files beside it); returns its manifest. Collective: the ranks agree on the
+    verdict, and a folder without shards (no manifest), a missing or truncated shard, another
+    world size or AB schedule is one :class:`CheckpointError` naming the file, on every rank."""
+    problem, meta = _check(os.fspath(directory), optimizer)
+    _agree_or_raise(problem, optimizer)
+    return meta
 
 
 def check_files(directory: str | os.PathLike, sizes: dict[str, int]) -> str | None:

@@ -25,11 +25,12 @@ import dataclasses
 import difflib
 import re
 import typing
-from typing import Any
-
-from jsonargparse import ArgumentParser
+from typing import TYPE_CHECKING, Any
 
 from .config import ABConfig
+
+if TYPE_CHECKING:  # jsonargparse is an optional extra: imported when a parser is made
+    from jsonargparse import ArgumentParser
 
 
 class CommandLineError(ValueError):
@@ -39,6 +40,12 @@ class CommandLineError(ValueError):
 def make_parser(prog: str, description: str, *classes: type, **kwargs: Any) -> ArgumentParser:
     """A jsonargparse parser over dataclasses (their fields at the top level; ``kwargs`` go to
     ``add_class_arguments``, e.g. ``skip``), ``--no-ab`` a flag, and the fields' help texts."""
+    try:
+        from jsonargparse import ArgumentParser
+    except ImportError as exc:
+        raise ImportError(
+            f"ab_accel.cli needs jsonargparse, an optional extra ({exc}): pip install "
+            f"jsonargparse (or ab-accel[recipes]).") from exc
     parser = ArgumentParser(prog=prog, description=description, exit_on_error=False,
                             allow_abbrev=False)  # --epoch is not --epochs: refused
     for cls in classes:

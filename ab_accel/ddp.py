@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from . import patches
 from .comm import wire_factor
 from .model import ab_layers
 
@@ -37,22 +38,13 @@ def ignore_factorized_weights(model: nn.Module) -> None:
     ignored = set(names) | set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
     if not any(p.requires_grad for n, p in model.named_parameters() if n not in ignored):
         return
-    setter = getattr(nn.parallel.DistributedDataParallel,
-                     "_set_params_and_buffers_to_ignore_for_model", None)
-    if setter is not None:
-        setter(model, sorted(ignored))
+    patches.ddp_ignore_factorized(model, sorted(ignored))
 
 
 def hand_reduction_to_ab(ddp: nn.parallel.DistributedDataParallel) -> None:
-    """No gradient all-reduce and no buffer broadcast from DDP, for the rest of the run.
-
-    ``require_backward_grad_sync = False`` is what ``ddp.no_sync()`` sets (and restores to the
-    value it found, so ``accelerator.accumulate`` keeps it off); with it off DDP never sets
-    ``require_forward_param_sync``, the switch of its buffer broadcast.
-    """
-    ddp.require_backward_grad_sync = False
-    ddp.require_forward_param_sync = False
-    ddp.broadcast_buffers = False
+    """No gradient all-reduce and no buffer broadcast from DDP, for the rest of the run
+    (:func:`ab_accel.patches.ddp_stop_reducing`)."""
+    patches.ddp_stop_reducing(ddp)
 
 
 def wrap(model: nn.Module, **ddp_kwargs: Any) -> nn.parallel.DistributedDataParallel:

@@ -93,6 +93,17 @@ class ABGroups:
     def distributed(self) -> bool:
         return self.plan.world_size > 1
 
+    @property
+    def world_ranks(self) -> tuple[int, ...]:
+        """Every rank of the world, as ranks of ``world`` (what the meter records)."""
+        return tuple(range(self.plan.world_size))
+
+    def global_rank(self, rank: int) -> int:
+        """The default group's rank of ``world``'s rank ``rank`` (a broadcast's ``src``)."""
+        if self.world is None or not (dist.is_available() and dist.is_initialized()):
+            return rank
+        return dist.get_global_rank(self.world, rank)
+
 
 def build_groups(config: ABConfig, world: Any = None) -> ABGroups:
     """Create this rank's groups. Collective: every rank of ``world`` must call it, in order.

@@ -15,7 +15,8 @@ AB-training needs:
   the DDP reducer and buffer broadcast are switched off for good, and the AB layers' weights are
   kept out of the reducer, as :func:`ab_accel.prepare` does (the same helpers): the ABOptimizer
   owns all gradient reduction (world in warm-up and rebound, own group in an AB phase). Under
-  DeepSpeed the engine is :func:`ab_accel.deepspeed.attach` ed;
+  DeepSpeed the engine is :func:`ab_accel.engine.attach` ed (what
+  ``ab_accel.deepspeed.attach`` is);
 * gradient accumulation is the Trainer's own: gradients accumulate locally over the micro-batches
   and are reduced once, at the optimizer step, so the ABOptimizer's step counter t advances once
   per optimizer step (``state.global_step``), never per micro-batch;
@@ -50,11 +51,13 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from . import support
-from .checkpoint import SHARDS_DIR, load_checkpoint, save_checkpoint
+from . import patches, support
+from .attach import check_shards, load_shards, save_merged, save_shards, shards_dir, wire
+from .checkpoint import read_manifest
 from .config import DEEPSPEED_KEY, ABConfig, ABConfigError, resolve_config
-from .ddp import hand_reduction_to_ab, ignore_factorized_weights
-from .deepspeed import attach, check_config, load_ds_config
+from .ddp import ignore_factorized_weights
+from .ds_config import check_config, load_ds_config
+from .engine import attach
 from .model import compression, convert
 from .optimizer import ABOptimizer
 from .schedule import ABSchedule
@@ -83,18 +86,6 @@ def config_for_trainer(ab_config: ABConfig | dict[str, Any] | None, deepspeed: A
             'without AB-training use ab_config={"enabled": false} (or the plain Trainer).'
         )
     return cfg
-
-
-def setup_cpu_deepspeed(backend: str = "gloo") -> dict[str, Any]:
-    """Make the Trainer's DeepSpeed branch run on CPU processes: the Trainer ignores
-    ``ddp_backend`` there, so the process group is set up here first (``PartialState`` with
-    ``backend``, DeepSpeed turned on). Call before building ``TrainingArguments`` and pass the
-    returned dict as ``accelerator_config``. Not needed on GPUs."""
-    from accelerate import PartialState
-
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    PartialState(backend=backend)
-    return {"use_configured_state": True}
 
 
 class _WarnIfNeverAB(TrainerCallback):
@@ -164,18 +155,9 @@ class ABTrainer(Trainer):
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
-        prepare = self.accelerator.prepare
-
-        def prepare_with_ab(*objects: Any, **prep_kwargs: Any) -> Any:
-            out = prepare(*objects, **prep_kwargs)
-            if self._enabled():
-                self._attach_ab(out if isinstance(out, tuple) else (out,))
-            return out
-
-        # A patch, on this trainer's accelerator only: the Trainer has no public hook between
-        # its accelerator.prepare (which makes the DDP wrapper) and its checkpoint loading,
-        # and AB-training must bind to the prepared model and optimizer in between.
-        self.accelerator.prepare = prepare_with_ab
+        # AB-training binds between the Trainer's accelerator.prepare and its checkpoint
+        # loading (see ab_accel.patches.prepare_then).
+        patches.prepare_then(self, lambda prepared: self._enabled() and self._attach_ab(prepared))
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """``Trainer.train``, then :meth:`ABOptimizer.finalize`: a run that stops inside an AB
@@ -201,17 +183,9 @@ class ABTrainer(Trainer):
         AB-training ran, ``"compression"``: the dense / AB parameter count of the last
         factorization (:meth:`ABOptimizer.report`, which says what it is measured on).
         """
-        from .accelerate import save_merged
-
         out = output_dir or os.path.join(self.args.output_dir, "merged")
-        facts: dict[str, Any] = {"final_sync": False}
-        if self.ab_optimizer is not None:
-            facts["compression"] = self.ab_optimizer.report()["compression"]
-            facts["final_sync"] = self.ab_optimizer.sync_now()
-        # merge and save: the Accelerate integration's end (its finalize() has nothing left)
-        saved = save_merged(self.accelerator, self.model, self.ab_optimizer, out,
-                            processor=self.processing_class)
-        return {"dir": saved["dir"], **facts}
+        return save_merged(self.accelerator, self.model, self.ab_optimizer, out,
+                           processor=self.processing_class, sync_always=True)
 
     # ------------------------------------------------------------------ wiring
     def _attach_ab(self, prepared: tuple[Any, ...]) -> None:
@@ -222,19 +196,17 @@ class ABTrainer(Trainer):
             return  # nothing to train, or an optimizer prepared (and wrapped) before
         if self.is_deepspeed_enabled:
             engine = self.accelerator.deepspeed_engine_wrapped.engine
-            ab = ABOptimizer(engine.optimizer, None, self.ab_config)
-            attach(engine, ab)
+            ab = attach(engine, ABOptimizer(engine.optimizer, None, self.ab_config))
+            # launched on the Trainer's accumulation boundaries, as without DeepSpeed
+            wire(ab, engine.module, lambda: self.accelerator.sync_gradients, wrapped,
+                 framework="deepspeed")
         else:
-            ab = ABOptimizer(wrapped.optimizer, None, self.ab_config)
+            # AB-training owns gradient reduction; DDP's reducer would all-reduce over the
+            # world (and cannot follow re-created factors): it stays off for the whole run.
+            # The overlapped reduction launches only on the Trainer's accumulation boundaries.
             model = next((o for o in prepared if isinstance(o, nn.Module)), self.model)
-            ab.bind(self.accelerator.unwrap_model(model))
-            if isinstance(model, nn.parallel.DistributedDataParallel):
-                # AB-training owns gradient reduction; DDP's reducer would all-reduce over the
-                # world (and cannot follow re-created factors). Keep it off for the whole run.
-                hand_reduction_to_ab(model)
-        wrapped.optimizer = ab
-        # The overlapped reduction launches only on the Trainer's accumulation boundaries.
-        ab.launch_predicate = lambda: self.accelerator.sync_gradients
+            ab = wire(ABOptimizer(wrapped.optimizer, None, self.ab_config), model,
+                      lambda: self.accelerator.sync_gradients, wrapped)
         self.ab_optimizer = ab
 
     # ------------------------------------------------------------------ clipping
@@ -276,33 +248,42 @@ class ABTrainer(Trainer):
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            directory = os.path.join(self._get_output_dir(trial=trial), folder)
             # The groups' shards first: a checkpoint folder never lacks them.
-            save_checkpoint(os.path.join(directory, SHARDS_DIR), self.model,
-                            self.ab_optimizer)
+            save_shards(os.path.join(self._get_output_dir(trial=trial), folder), self.model,
+                        self.ab_optimizer)
         # Under DeepSpeed the attached engine's save_checkpoint writes the shards.
         super()._save_checkpoint(model, trial)
 
-    @staticmethod
-    def _ab_dir(checkpoint: str | None) -> str | None:
-        if checkpoint is None:
-            return None
-        path = os.path.join(checkpoint, SHARDS_DIR)
-        return path if os.path.isdir(path) else None
-
     def _load_from_checkpoint(self, resume_from_checkpoint: str,
                               model: nn.Module | None = None) -> None:
-        if self._enabled() and self._ab_dir(resume_from_checkpoint) is not None:
-            return  # every group's model state is loaded from ab_training/ after binding
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not self._enabled() or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # Every group's model state is loaded from ab_training/ after binding; a checkpoint
+        # without it is refused here, the file named, before anything is loaded.
+        if self.ab_optimizer is not None:
+            check_shards(resume_from_checkpoint, self.ab_optimizer)
+        else:  # before the optimizer exists: the manifest must be there
+            read_manifest(shards_dir(resume_from_checkpoint))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        ab_dir = self._ab_dir(checkpoint)
-        if ab_dir is None or self.ab_optimizer is None or self.is_deepspeed_enabled:
+        if checkpoint is None or self.ab_optimizer is None or self.is_deepspeed_enabled:
             return super()._load_optimizer_and_scheduler(checkpoint)
-        load_checkpoint(ab_dir, self.model, self.ab_optimizer)
+        load_shards(checkpoint, self.model, self.ab_optimizer)
         from transformers.trainer import SCHEDULER_NAME
 
         sched = os.path.join(checkpoint, SCHEDULER_NAME)
         if os.path.isfile(sched):
             self.lr_scheduler.load_state_dict(torch.load(sched, weights_only=True))
+
+
+def __getattr__(name: str) -> Any:
+    """``setup_cpu_deepspeed`` moved to ``recipes/cpu_deepspeed.py`` (a launch helper, not
+    AB-training): the old import path still finds it there, with a warning."""
+    if name == "setup_cpu_deepspeed":
+        import importlib
+        import warnings
+
+        warnings.warn("ab_accel.trainer.setup_cpu_deepspeed moved to recipes/cpu_deepspeed.py",
+                      DeprecationWarning, stacklevel=2)
+        return importlib.import_module("recipes.cpu_deepspeed").setup_cpu_deepspeed
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,8 +14,8 @@ CPU, is the bottleneck; the kernel's interface counters then measure what really
 link, and the run reports each method's time to reach DDP's final accuracy. It needs root and
 iproute2; without them it says so and skips.
 
-    python benchmarks/compare.py --steps 600 --seeds 0,1,2 --out benchmarks/results/local.json
-    python benchmarks/compare.py --netns --rate 100mbit --out benchmarks/results/netns.json
+    python -m benchmarks.compare --steps 600 --seeds 0,1,2 --out benchmarks/results/local.json
+    python -m benchmarks.compare --netns --rate 100mbit --out benchmarks/results/netns.json
 
 The results JSON holds the settings, the machine, per-seed records and per-method summaries;
 ``benchmarks/plot.py`` turns it into plots and a markdown table.
@@ -28,7 +28,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,13 +38,11 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ab_accel.schedule import scaled_schedule  # noqa: E402
-from benchmarks.meters import predicted_link_bytes  # noqa: E402
-from benchmarks.methods import AB_PREFIX, LOCAL, Knobs, check_method  # noqa: E402
-from benchmarks.workloads import MODELS  # noqa: E402
+from ab_accel.schedule import scaled_schedule
+from benchmarks.common import free_port, stats, write_json
+from benchmarks.meters import predicted_link_bytes
+from benchmarks.methods import AB_PREFIX, LOCAL, Knobs, check_method
+from benchmarks.workloads import MODELS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -190,12 +187,6 @@ def make_knobs(args: Namespace) -> Knobs:
 
 
 # ---------------------------------------------------------------------------- launching
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def netns_available() -> str | None:
     """None when the rate-limited mode can run here, else the reason it cannot."""
     if shutil.which("ip") is None or shutil.which("tc") is None:
@@ -216,7 +207,7 @@ def run_world(args: Namespace, methods: list[str]) -> list[dict[str, Any]]:
             "model": args.model, "width": args.width, "depth": args.depth,
             "channels": args.channels, "batch_size": args.batch_size,
             "eval_every": args.eval_every, "out_dir": out_dir, "nnodes": nnodes,
-            "nproc_per_node": nproc, "master_port": _free_port(),
+            "nproc_per_node": nproc, "master_port": free_port(),
             "master_addr": NODES[0][2] if args.netns else "127.0.0.1",
         }
         procs = []
@@ -273,15 +264,6 @@ def run_world(args: Namespace, methods: list[str]) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- aggregation
-def _stats(values: list[float]) -> dict[str, float] | None:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
-
-
 def aggregate_seed(ranks: list[dict[str, Any]], method: str, seed_index: int, nodes: int
                    ) -> dict[str, Any]:
     """One seed of one method: rank 0's accuracy, per-rank bytes, link counters."""
@@ -399,30 +381,30 @@ def time_to_accuracy(curve: list[dict[str, Any]], target: float) -> float | None
 
 def summarize(method: str, seeds: list[dict[str, Any]]) -> dict[str, Any]:
     s: dict[str, Any] = {
-        "final_acc": _stats([x["final_acc"] for x in seeds]),
-        "bytes": _stats([x["bytes"] for x in seeds]),
-        "wire_bytes": _stats([x["wire_bytes"] for x in seeds]),
-        "dp_equivalent_bytes": _stats([x["dp_equivalent_bytes"] for x in seeds]),
-        "train_seconds": _stats([x["train_seconds"] for x in seeds]),
-        "seconds_per_step": _stats([x["seconds_per_step"] for x in seeds]),
-        "peak_state_bytes": _stats([x["peak_state_bytes"] for x in seeds]),
-        "dense_ms_per_step": _stats([dense_ms_per_step(x) for x in seeds]),
+        "final_acc": stats([x["final_acc"] for x in seeds]),
+        "bytes": stats([x["bytes"] for x in seeds]),
+        "wire_bytes": stats([x["wire_bytes"] for x in seeds]),
+        "dp_equivalent_bytes": stats([x["dp_equivalent_bytes"] for x in seeds]),
+        "train_seconds": stats([x["train_seconds"] for x in seeds]),
+        "seconds_per_step": stats([x["seconds_per_step"] for x in seeds]),
+        "peak_state_bytes": stats([x["peak_state_bytes"] for x in seeds]),
+        "dense_ms_per_step": stats([dense_ms_per_step(x) for x in seeds]),
     }
     if method.startswith(AB_PREFIX):
-        s["svd_seconds"] = _stats([x["svd_seconds"] for x in seeds])
-        s["switch_seconds"] = _stats([sum(x["switch_seconds"].values()) for x in seeds])
-        s["rank_fraction"] = _stats([x["rank_fraction"] for x in seeds])
-        s["ab_phase_state_bytes"] = _stats([x["peak_state_bytes_by_phase"].get("ab")
+        s["svd_seconds"] = stats([x["svd_seconds"] for x in seeds])
+        s["switch_seconds"] = stats([sum(x["switch_seconds"].values()) for x in seeds])
+        s["rank_fraction"] = stats([x["rank_fraction"] for x in seeds])
+        s["ab_phase_state_bytes"] = stats([x["peak_state_bytes_by_phase"].get("ab")
                                             for x in seeds])
-        s["meter_reduction"] = _stats([statistics.fmean(t["reduction"]
+        s["meter_reduction"] = stats([statistics.fmean(t["reduction"]
                                                         for t in x["ab_traffic_per_rank"])
                                        for x in seeds])
     if all("link" in x for x in seeds):
-        s["link_tx_bytes"] = _stats([x["link"]["kernel_tx_bytes"] for x in seeds])
-        s["link_predicted_bytes"] = _stats([x["link"]["predicted_bytes"] for x in seeds])
-        s["kernel_over_predicted"] = _stats([x["link"]["kernel_over_predicted"]
+        s["link_tx_bytes"] = stats([x["link"]["kernel_tx_bytes"] for x in seeds])
+        s["link_predicted_bytes"] = stats([x["link"]["predicted_bytes"] for x in seeds])
+        s["kernel_over_predicted"] = stats([x["link"]["kernel_over_predicted"]
                                              for x in seeds])
-        s["tcp_payload_over_predicted"] = _stats([x["link"]["tcp_payload_over_predicted"]
+        s["tcp_payload_over_predicted"] = stats([x["link"]["tcp_payload_over_predicted"]
                                                   for x in seeds])
     return s
 
@@ -438,7 +420,7 @@ def compare_to_ddp(methods: dict[str, Any]) -> dict[str, Any]:
     ddp_bytes = ddp["summary"]["bytes"]["mean"]
     out: dict[str, Any] = {"ddp_final_acc_mean": target}
     ddp_ttas = [time_to_accuracy(x["curve"], target) for x in ddp["seeds"]]
-    ddp_tta = _stats(ddp_ttas)
+    ddp_tta = stats(ddp_ttas)
     local = methods.get(LOCAL, {}).get("summary")
     for name, m in methods.items():
         s = m["summary"]
@@ -463,7 +445,7 @@ def compare_to_ddp(methods: dict[str, Any]) -> dict[str, Any]:
         ttas = [time_to_accuracy(x["curve"], target) for x in m["seeds"]]
         row["time_to_ddp_acc"] = ttas
         row["seeds_reaching_ddp_acc"] = sum(t is not None for t in ttas)
-        reached = _stats(ttas)
+        reached = stats(ttas)
         if reached and ddp_tta:
             row["time_to_ddp_acc_vs_ddp"] = reached["mean"] / ddp_tta["mean"]
         relaxed = [time_to_accuracy(x["curve"], target - 0.5) for x in m["seeds"]]
@@ -522,7 +504,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # SIGTERM unwinds like Ctrl-C, so the namespaces are removed and the ranks stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result: dict[str, Any] = {
-        "command": "python benchmarks/compare.py " + " ".join(
+        "command": "python -m benchmarks.compare " + " ".join(
             sys.argv[1:] if argv is None else argv),
         "settings": {k: v for k, v in vars(args).items() if k not in ("method_list",
                                                                        "seed_list")},
@@ -536,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if why:
             print(f"compare.py --netns: skipped: {why}", flush=True)
             result["skipped"] = why
-            _write(args.out, result)
+            write_json(args.out, result)
             return result
         subprocess.run(["bash", NETNS, "up", args.rate], check=True)
     try:
@@ -560,22 +542,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"[compare] {method}: acc {s['final_acc']['mean']:.2f} "
                       f"+- {s['final_acc']['std']:.2f}, wire {s['wire_bytes']['mean'] / 1e6:.2f} "
                       f"MB/rank, {s['train_seconds']['mean']:.1f} s", flush=True)
-            _write(args.out, result)  # partial results survive an interruption
+            write_json(args.out, result)  # partial results survive an interruption
     finally:
         if args.netns:
             subprocess.run(["bash", NETNS, "down"], check=False)
     result["comparison"] = compare_to_ddp(result["methods"])
     result["machine_after"] = machine()
-    _write(args.out, result)
+    write_json(args.out, result)
     print(f"[compare] wrote {args.out}", flush=True)
     return result
-
-
-def _write(path: str, result: dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ No communication: this measures the per-GPU compute side of the trade (the traff
 ``benchmarks/compare.py``). On a machine without CUDA it runs the same code at tiny shapes
 (``--tiny``, what the test does) and says so. Prints a table; writes a JSON results file.
 
-    python benchmarks/gpu_step.py --out benchmarks/results/gpu_step.json
-    python benchmarks/gpu_step.py --tiny --steps 2 --out /tmp/gpu_step.json
+    python -m benchmarks.gpu_step --out benchmarks/results/gpu_step.json
+    python -m benchmarks.gpu_step --tiny --steps 2 --out /tmp/gpu_step.json
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ab_accel import ABConfig, compression, convert  # noqa: E402
-from ab_accel.model import ab_layers  # noqa: E402
+from ab_accel import ABConfig, compression, convert
+from ab_accel.model import ab_layers
 
 
 @dataclass

@@ -25,8 +25,8 @@ The arithmetic is that of ab_accel's TrafficMeter (ring estimate, bytes sent per
 * every switch (sync or factorize) first checks that every rank's tensors are finite: one
   int64 over the world.
 
-    python benchmarks/projection.py --rank-fraction 0.1,0.2,0.3
-    python benchmarks/projection.py --from-results benchmarks/results/local.json
+    python -m benchmarks.projection --rank-fraction 0.1,0.2,0.3
+    python -m benchmarks.projection --from-results benchmarks/results/local.json
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import json
 import math
 import os
 import statistics
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,14 +42,11 @@ import torch
 from jsonargparse import ArgumentParser
 from torch import nn
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ab_accel import ABConfig, ABSchedule, convert  # noqa: E402
-from ab_accel.comm import wire_factor  # noqa: E402
-from ab_accel.layers import break_even_rank  # noqa: E402
-from ab_accel.model import ab_layers  # noqa: E402
-from benchmarks.meters import ring_crossings  # noqa: E402
+from ab_accel import ABConfig, ABSchedule, convert
+from ab_accel.comm import wire_factor
+from ab_accel.layers import break_even_rank
+from ab_accel.model import ab_layers
+from benchmarks.meters import ring_crossings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

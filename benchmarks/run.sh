@@ -59,15 +59,15 @@ for spec in "${MODELS[@]}"; do
     read -r model margs <<<"$spec"
     # shellcheck disable=SC2086  # margs is a list of flags
     echo "== $model, one machine (gloo over loopback); load $(cut -d' ' -f1-3 /proc/loadavg)"
-    $PY benchmarks/compare.py --model $model $margs --methods "$METHODS" "${LOCAL_ARGS[@]}" \
+    $PY -m benchmarks.compare --model $model $margs --methods "$METHODS" "${LOCAL_ARGS[@]}" \
         --out "$RESULTS/${PREFIX}${model}_local.json" "$@"
     echo "== $model, rate-limited link between two network namespaces"
-    $PY benchmarks/compare.py --model $model $margs --netns --methods "$METHODS" \
+    $PY -m benchmarks.compare --model $model $margs --netns --methods "$METHODS" \
         "${NETNS_ARGS[@]}" --out "$RESULTS/${PREFIX}${model}_netns.json" "$@"
 done
 
 echo "== projection to the paper's ImageNet schedules"
-$PY benchmarks/projection.py --rank-fraction 0.1,0.2,0.3 \
+$PY -m benchmarks.projection --rank-fraction 0.1,0.2,0.3 \
     --from-results "$RESULTS/${PREFIX}mlp_local.json" --out "$RESULTS/${PREFIX}projection.json"
 
 echo "== plots"

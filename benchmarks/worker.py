@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 from jsonargparse import ArgumentParser
 from torch import nn
 
+from .common import write_json
 from .meters import CollectiveCounter, link_counters, max_rss_mb
 from .methods import Knobs, Method, build_method
 from .workloads import ShardedBatches, build_model, evaluate, load_digits_split
@@ -189,9 +190,7 @@ def _rank_entry(local_rank: int, spec: dict[str, Any]) -> None:
             # ru_maxrss is the process's peak so far: with several methods in one world it
             # includes the methods before this one.
             payload["methods"][name] = {"seeds": seeds, "max_rss_mb": max_rss_mb()}
-        with open(path + ".json.tmp", "w") as fh:
-            json.dump(payload, fh)
-        os.replace(path + ".json.tmp", path + ".json")
+        write_json(path + ".json", payload, indent=None)
         dist.barrier()
     except BaseException:
         with open(path + ".err", "w") as fh:

@@ -60,7 +60,7 @@ def parse(argv: list[str]) -> tuple[FinetuneArgs, Any]:
                     "group: `deepspeed --num_gpus N recipes/finetune.py ...` (N=1 for one "
                     "process) or `torchrun --nproc_per_node N recipes/finetune.py ...`; plain "
                     "`python recipes/finetune.py` runs without --deepspeed.")
-            from ab_accel.trainer import setup_cpu_deepspeed
+            from cpu_deepspeed import setup_cpu_deepspeed
 
             argv += ["--accelerator_config", json.dumps(setup_cpu_deepspeed())]
         else:

@@ -124,12 +124,13 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     import ab_accel
-    from ab_accel.accelerate import ab_optimizer, check_state, save_state
+    from ab_accel.accelerate import ab_optimizer
     from ab_accel.comm import world_traffic
     from ab_accel.config import DEEPSPEED_KEY
     from ab_accel.ddp import DDPTraffic
 
     import report
+    from state import check_state, save_state
 
     jsonl = report.JSONLTracker(os.path.join(args.output_dir, "metrics.jsonl"))
     trackers = [jsonl] + ([args.report_to] if args.report_to != "none" else [])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,11 +20,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from benchmarks.common import free_port  # one copy for the tests and the benchmarks
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+
+
+def script_env(*dirs: str, **extra: str) -> dict[str, str]:
+    """``os.environ`` (plus ``extra``) for a script a test launches (torchrun, accelerate
+    launch, deepspeed): PYTHONPATH starts with ``dirs``, the repository root and tests/, so
+    the script imports this checkout's ab_accel, the tests' helpers and ``benchmarks`` without
+    editing sys.path."""
+    path = [*dirs, ROOT, TESTS, os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
 
 
 def run_or_dump(cmd: list[str], timeout: float, env: dict[str, str], **kwargs: Any

@@ -16,15 +16,13 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from ab_accel import ABSchedule
+from benchmarks.compare import ab_schedule_for
+from benchmarks.meters import predicted_link_bytes, ring_crossings
+from benchmarks.projection import model_shape, project
+from benchmarks.workloads import build_model
 
-from ab_accel import ABSchedule  # noqa: E402
-from benchmarks.compare import ab_schedule_for  # noqa: E402
-from benchmarks.meters import predicted_link_bytes, ring_crossings  # noqa: E402
-from benchmarks.projection import model_shape, project  # noqa: E402
-from benchmarks.workloads import build_model  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STEPS, W0, T, F = 21, 2, 10, 2  # warm-up 0-1, AB 2-9, rebound 10-11, AB 12-19, rebound 20
 WIDTH, DEPTH, WORLD = 64, 4, 4
@@ -35,7 +33,7 @@ METHODS = ("local", "ddp", "ddp-bf16", "ab-with-stale", "ab-with-stale-bf16", "p
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "compare.py"),
+    cmd = [sys.executable, "-m", "benchmarks.compare",
            "--methods", ",".join(METHODS), "--seeds", "0",
            "--steps", str(STEPS), "--nproc", str(WORLD), "--width", str(WIDTH),
            "--depth", str(DEPTH), "--batch-size", "8", "--eval-every", "6", "--one-world",
@@ -195,9 +193,9 @@ def test_default_ab_schedule_ends_inside_a_rebound() -> None:
 
 
 def test_bad_method_is_refused_before_any_process_starts() -> None:
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compare.py"),
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.compare",
                            "--methods", "ddp,powersgd", "--out", os.devnull],
-                          capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "powersgd-r<rank>" in proc.stderr
 

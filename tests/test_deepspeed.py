@@ -16,13 +16,12 @@ import torch
 from ab_accel import ABConfigError, ABLayer
 from ab_accel import deepspeed as ab_ds
 
-from distributed import free_port, run_distributed
+import ds_scenarios  # tests/ds_scripts (pytest's pythonpath)
+from distributed import free_port, run_distributed, script_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 SCRIPTS = os.path.join(HERE, "ds_scripts")
-sys.path.insert(0, SCRIPTS)
-import ds_scenarios  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
 KEY = {"warmup_steps": 2, "sync_every": 4, "rebound_steps": 1, "lr_rebound_steps": 1,
@@ -213,8 +212,7 @@ def _config_copy(tmp_path, name: str, **extra) -> str:
 def _launch(command: list[str], out: str, world: int) -> list[dict]:
     # PATH is left as it is: torch builds DeepSpeed's CPU op with the first `ninja` on PATH,
     # and two ninja versions alternating on one build folder rebuild the op every time.
-    env = dict(os.environ,
-               PYTHONPATH=os.pathsep.join([SCRIPTS, os.environ.get("PYTHONPATH", "")]))
+    env = script_env(SCRIPTS)
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

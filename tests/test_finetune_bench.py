@@ -18,11 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.finetune import (  # noqa: E402
+from benchmarks.finetune import (
     QUICK,
     TARGET_MODULES,
     Method,
@@ -36,6 +32,7 @@ from benchmarks.finetune import (  # noqa: E402
     stdlib_root,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 

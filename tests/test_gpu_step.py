@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import gpu_step  # noqa: E402
+from benchmarks import gpu_step
 
 
 def test_gpu_step_script_measures_dense_and_ab_steps_and_the_switch(tmp_path):

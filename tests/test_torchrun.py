@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from distributed import free_port
+from distributed import free_port, script_env
 
 SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "examples" / "plain_torch.py"
 
@@ -20,7 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "examples" / "plain_torc
 def test_plain_torch_example_under_torchrun(nproc, extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(free_port()), str(SCRIPT), "--steps", "110", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = script_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -42,7 +41,7 @@ def _elastic_run(tmp: Path, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
            "--max-restarts", "1", "--master_port", str(free_port()), str(script), str(tmp),
            *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = script_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     import torch

@@ -21,13 +21,12 @@ import torch
 from ab_accel import ABConfigError
 from ab_accel.trainer import config_for_trainer
 
-from distributed import free_port, run_distributed
+import trainer_scenarios  # tests/ds_scripts (pytest's pythonpath)
+from distributed import free_port, run_distributed, script_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 SCRIPTS = os.path.join(HERE, "ds_scripts")
-sys.path.insert(0, SCRIPTS)
-import trainer_scenarios  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
 
@@ -35,8 +34,7 @@ BIN = os.path.dirname(sys.executable)
 def _env() -> dict[str, str]:
     # PATH is left as it is: torch builds DeepSpeed's CPU op with the first `ninja` on PATH,
     # and two ninja versions alternating on one build folder rebuild the op every time.
-    return dict(os.environ,
-                PYTHONPATH=os.pathsep.join([SCRIPTS, os.environ.get("PYTHONPATH", "")]))
+    return script_env(SCRIPTS)
 
 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -39,8 +39,7 @@ from ab_accel.accelerate import CHECKPOINT_DIR, ab_optimizer, save_merged
 from ab_accel.layers import ABLayer
 from ab_accel.model import ab_layers
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distributed import end_process  # noqa: E402  (tests/distributed.py)
+from distributed import end_process
 
 # Schedule: warm-up t in [0, 3); cycle 0: AB t in [3, 6), sync at the end of t = 5, rebound
 # t = 6; cycle 1: factorize at the end of t = 6, AB t in [7, 10), rebound t = 10; cycle 2: AB

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ab_accel import ABConfig, ABOptimizer, convert
 from ab_accel import deepspeed as ab_ds
+
+from scenarios import CollectiveSpy  # the tests' one spy (tests/scenarios.py)
 
 AB_KEY = {"warmup_steps": 2, "sync_every": 4, "rebound_steps": 1, "lr_rebound_steps": 1,
           "rank_cutoff": 0.5, "group_size": 2}
@@ -46,46 +46,6 @@ def ds_config(gas: int, clip: float, **extra: Any) -> dict[str, Any]:
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-class CollectiveSpy:
-    """Adds up the bytes and the groups of every torch.distributed collective that really runs.
-
-    It wraps (never replaces) the functions: the real collective still runs. deepspeed.comm and
-    ab_accel both call them through the torch.distributed module, so every call is seen.
-    """
-
-    NAMES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor",
-             "reduce_scatter_tensor", "all_reduce_coalesced", "reduce")
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self.groups: list[tuple[int, ...]] = []
-        self.calls: list[tuple[tuple[int, ...], int]] = []  # (group, bytes) per call
-        self._orig: dict[str, Callable[..., Any]] = {}
-
-    def __enter__(self) -> CollectiveSpy:
-        for name in self.NAMES:
-            orig = getattr(dist, name)
-            self._orig[name] = orig
-
-            def wrapper(*args: Any, _orig: Callable[..., Any] = orig, **kwargs: Any) -> Any:
-                tensor = args[0] if args else kwargs.get("tensor", kwargs.get("tensors"))
-                tensors = tensor if isinstance(tensor, (list, tuple)) else [tensor]
-                nbytes = sum(t.numel() * t.element_size() for t in tensors)
-                self.bytes += nbytes
-                group = kwargs.get("group")
-                self.groups.append(tuple(dist.get_process_group_ranks(group)) if group is not None
-                                   else tuple(range(dist.get_world_size())))
-                self.calls.append((self.groups[-1], nbytes))
-                return _orig(*args, **kwargs)
-
-            setattr(dist, name, wrapper)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for name, orig in self._orig.items():
-            setattr(dist, name, orig)
 
 
 def initialize_path(rank: int, world: int, ckpt_dir: str) -> dict[str, Any]:
@@ -132,7 +92,7 @@ def initialize_path(rank: int, world: int, ckpt_dir: str) -> dict[str, Any]:
         records.append({"phase": phase, "params": snapshot(engine.module),
                         "twin": snapshot(twin), "norm": norm, "twin_norm": twin_norm,
                         "spy_bytes": spy.bytes, "meter_bytes": opt.traffic.bytes - before,
-                        "spy_groups": sorted(set(spy.groups)), "spy_calls": spy.calls})
+                        "spy_groups": sorted(set(spy.groups)), "spy_calls": spy.per_call})
     out["records"] = records
     out["step_count"] = opt.step_count
     out["global_steps"] = engine.global_steps

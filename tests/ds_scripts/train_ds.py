@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 import torch.distributed as dist
-from ds_scenarios import micro_batch, snapshot, tiny_net
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distributed import end_process  # noqa: E402  (tests/distributed.py)
+from distributed import end_process
+from ds_scenarios import micro_batch, snapshot, tiny_net
 
 STEPS = 8
 

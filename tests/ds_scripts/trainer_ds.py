@@ -19,10 +19,10 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 from transformers import TrainerCallback, TrainingArguments, ViTConfig, ViTForImageClassification
 
-from ab_accel.trainer import ABTrainer, setup_cpu_deepspeed
+from ab_accel.trainer import ABTrainer
+from recipes.cpu_deepspeed import setup_cpu_deepspeed
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distributed import end_process  # noqa: E402  (tests/distributed.py)
+from distributed import end_process
 
 AB = {"warmup_steps": 2, "sync_every": 4, "rebound_steps": 1, "lr_rebound_steps": 1,
       "rank_cutoff": 0.3, "group_size": 2}

@@ -11,13 +11,11 @@ import argparse
 import datetime
 import os
 import signal
-import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ab_accel import (  # noqa: E402
+from ab_accel import (
     ABConfig,
     ABOptimizer,
     convert,
@@ -26,8 +24,8 @@ from ab_accel import (  # noqa: E402
     save_checkpoint,
 )
 
-from distributed import end_process  # noqa: E402
-from scenarios import flat_named, loss_of, small_cnn  # noqa: E402
+from distributed import end_process
+from scenarios import flat_named, loss_of, small_cnn
 
 STEPS, EVERY = 16, 3
 CFG = ABConfig(warmup_steps=2, sync_every=7, rebound_steps=2, lr_rebound_steps=2,
