@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import ABConfig, ABConfigError
@@ -135,23 +136,54 @@ def convert(model: nn.Module, config: ABConfig | dict[str, Any] | None = None) -
     outputs and state-dict keys are unchanged until the first factorization. With
     ``config.orthogonal_init`` every converted weight's singular values are set to 1.
     Converting twice is a no-op for layers that are already AB layers.
+
+    ``config.residual`` makes every AB layer keep W_res = W - A B at its factorizations (see
+    :mod:`ab_accel.layers`); ``config.freeze_untargeted`` sets ``requires_grad=False`` on every
+    parameter that is not an AB layer's weight or factor (biases of the AB layers included), as
+    peft does, so the ABOptimizer, which reduces and syncs trainable parameters only, never
+    sends them.
     """
     config = ABConfig() if config is None else ABConfig.from_dict(config)
     if not config.enabled:
         return model
     names = select_layers(model, config)
+    residual_dtype = _DTYPES.get(config.residual_dtype) if config.residual_dtype else None
     for name in names:
         module = model.get_submodule(name)
-        if isinstance(module, ABLayer):
-            continue
-        layer = wrap(module)
+        layer = module if isinstance(module, ABLayer) else wrap(module)
         if layer is None:  # pragma: no cover - select_layers only returns factorizable ones
+            continue
+        layer.keep_residual = config.residual
+        layer.residual_dtype = residual_dtype
+        if layer is module:
             continue
         layer.train(module.training)
         _set_submodule(model, name, layer)
         if config.orthogonal_init:
             layer.orthogonalize()
+    if config.freeze_untargeted:
+        freeze_untargeted(model)
     return model
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def freeze_untargeted(model: nn.Module) -> list[str]:
+    """``requires_grad=False`` on every parameter that is not an AB layer's weight or factor
+    (``ABConfig.freeze_untargeted``); returns the names frozen. The AB layers' own weights and
+    factors are left as they are (the ABOptimizer sets which factor trains)."""
+    kept = {id(p) for _, layer in ab_layers(model) for p in layer.factor_params()}
+    if not kept:
+        raise ABConfigError(
+            "ab_training.freeze_untargeted would freeze every parameter: the model has no AB "
+            "layer. Call convert() with target_modules that match some layers.")
+    frozen = []
+    for name, param in model.named_parameters():
+        if id(param) not in kept and param.requires_grad:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 def ab_layers(model: nn.Module) -> Iterator[tuple[str, ABLayer]]:
@@ -177,30 +209,39 @@ def merge(model: nn.Module) -> nn.Module:
 def compression(model: nn.Module) -> dict[str, Any]:
     """How much smaller the model is now than its dense self.
 
-    Returns ``params_now`` (all parameters allocated now), ``params_dense`` (the same model with
-    every AB layer dense), ``ratio`` = params_dense / params_now, the same three numbers over the
-    factorized layers only (``factorized_params_now``, ``factorized_params_dense``,
-    ``factorized_ratio``: the paper's compression of the low-rank layers), and ``layers``:
-    per-layer shape, mode and rank.
+    Returns ``params_now`` (all parameters allocated now), ``residual_now`` (elements of the
+    frozen residuals held now, ``ABConfig.residual``: not parameters, but memory), ``params_dense``
+    (the same model with every AB layer dense), ``ratio`` = params_dense / (params_now +
+    residual_now), the same numbers over the factorized layers only (``factorized_params_now``,
+    ``factorized_params_dense``, ``factorized_ratio``: the paper's compression of the low-rank
+    layers, below 1 with a residual: the model is then larger than dense, and what shrinks is
+    what trains), ``trainable_params_now`` (parameters with ``requires_grad``) and ``layers``:
+    per-layer shape, mode, rank and residual.
     """
     params_now = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     layers: dict[str, dict[str, Any]] = {}
-    fact_now = fact_dense = 0
+    fact_now = fact_dense = residual = 0
     for name, layer in ab_layers(model):
         now = layer.numel_now
         fact_now += now
         fact_dense += layer.dense_numel
+        residual += layer.residual_numel
         layers[name] = {"shape": [layer.out_dim, layer.in_dim], "mode": layer.mode,
                         "rank": layer.rank, "max_rank": layer.max_rank,
-                        "params_now": now, "params_dense": layer.dense_numel}
+                        "params_now": now, "params_dense": layer.dense_numel,
+                        "residual": layer.residual_numel}
     params_dense = params_now - fact_now + fact_dense
+    held = params_now + residual
     return {
         "params_now": params_now,
+        "residual_now": residual,
+        "trainable_params_now": trainable,
         "params_dense": params_dense,
-        "ratio": params_dense / params_now if params_now else 1.0,
+        "ratio": params_dense / held if held else 1.0,
         "factorized_params_now": fact_now,
         "factorized_params_dense": fact_dense,
-        "factorized_ratio": fact_dense / fact_now if fact_now else 1.0,
+        "factorized_ratio": fact_dense / (fact_now + residual) if fact_now else 1.0,
         "layers": layers,
     }
 
