@@ -216,7 +216,7 @@ def compression(model: nn.Module) -> dict[str, Any]:
     ``factorized_params_dense``, ``factorized_ratio``: the paper's compression of the low-rank
     layers, below 1 with a residual: the model is then larger than dense, and what shrinks is
     what trains), ``trainable_params_now`` (parameters with ``requires_grad``) and ``layers``:
-    per-layer shape, mode, rank and residual.
+    per-layer shape, mode, rank (and ``residual``, its elements, where one is held).
     """
     params_now = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -229,8 +229,9 @@ def compression(model: nn.Module) -> dict[str, Any]:
         residual += layer.residual_numel
         layers[name] = {"shape": [layer.out_dim, layer.in_dim], "mode": layer.mode,
                         "rank": layer.rank, "max_rank": layer.max_rank,
-                        "params_now": now, "params_dense": layer.dense_numel,
-                        "residual": layer.residual_numel}
+                        "params_now": now, "params_dense": layer.dense_numel}
+        if layer.residual_numel:
+            layers[name]["residual"] = layer.residual_numel
     params_dense = params_now - fact_now + fact_dense
     held = params_now + residual
     return {

@@ -83,7 +83,8 @@ def ab_schedules(s: Settings) -> dict[str, dict[str, Any]]:
     residual = {}
     for method in (Method.AB_RESIDUAL, Method.AB_RESIDUAL_DOUBLE):
         cfg = ABConfig.for_finetuning(s.steps, rank=method.rank(s), cycles=s.ab_lean_cycles,
-                                      target_modules=TARGET_MODULES).to_dict()
+                                      **{"target_modules": TARGET_MODULES, **s.ab_residual}
+                                      ).to_dict()
         residual[str(method)] = {k: v for k, v in cfg.items() if v != defaults[k]}
     return {str(Method.AB_PAPER): scaled,
             str(Method.AB_ENERGY): {**scaled, "rank_energy": s.ab_energy},
@@ -100,7 +101,7 @@ def describe(method: Method, s: Settings) -> str:
         return f"peft LoRA r={method.rank(s)}, alpha={method.alpha(s)}, lr {s.lora_lr:g}"
     if method in (Method.PISSA, Method.PISSA_HALF):
         return (f"peft PiSSA (init_lora_weights='pissa') r={method.rank(s)}, "
-                f"alpha={method.alpha(s)}, lr {s.pissa_lr:g}")
+                f"alpha={method.alpha(s)}, lr {s.lora_lr:g}")
     if method == Method.GALORE:
         return (f"optim=galore_adamw, rank {s.galore_rank}, gap {s.galore_update_proj_gap}, "
                 f"scale {s.galore_scale:g}")
@@ -111,7 +112,8 @@ def describe(method: Method, s: Settings) -> str:
             f"R={ab['lr_rebound_steps']}"
     extra = "".join(f"; {k}" for k in ("lean_memory", "residual", "freeze_untargeted")
                     if ab.get(k))
-    return f"{rule}; {sched}{extra}, lr {s.lr:g}"
+    lr = s.lora_lr if method.rank(s) else s.lr
+    return f"{rule}; {ab['sync_mode']}; {sched}{extra}, lr {lr:g}"
 
 
 def _write(path: str, result: dict[str, Any]) -> None:

@@ -81,9 +81,9 @@ class Settings:
     batch_size: int = knob(4, "Windows per rank per step (global batch: x nproc).")
     seq_len: int = knob(128, "Bytes per window (the context length).")
     lr: float = knob(1e-3, "Peak LR of the full-rank methods (full, AB, GaLore): AdamW.")
-    lora_lr: float = knob(3e-3, "Peak LR of LoRA (its usual higher LR, see BENCHMARKS.md).")
-    pissa_lr: float = knob(1e-3, "Peak LR of PiSSA (it trains the principal factors, as "
-                                 "ab-residual does: the LR of the AB methods).")
+    lora_lr: float = knob(3e-3, "Peak LR of the rank methods: LoRA, PiSSA and ab-residual "
+                                "(LoRA's usual higher LR, see BENCHMARKS.md; one LR for all "
+                                "three, so they differ only in what they train and send).")
     weight_decay: float = knob(0.0, "AdamW weight decay.")
     lr_warmup_ratio: float = knob(0.05, "Linear LR warm-up share of the steps, then cosine.")
     max_grad_norm: float = knob(1.0, "Gradient clipping (of the reduced gradients).")
@@ -101,6 +101,8 @@ class Settings:
     ab_energy: float = knob(0.99, "rank_energy of ab-energy and ab-lean-energy.")
     ab_fixed_rank: int = knob(32, "fixed_rank of ab-lean.")
     ab_lean_cycles: int = knob(4, "AB cycles of the lean methods (sync_every = steps / this).")
+    ab_residual: dict = knob({}, "ABConfig fields that override ABConfig.for_finetuning's "
+                                 "defaults for ab-residual and ab-residual-double.")
     lora_r: int = knob(16, "LoRA rank.")
     lora_alpha: int = knob(32, "LoRA alpha (scale alpha / r).")
     galore_rank: int = knob(48, "GaLore projection rank.")

@@ -132,8 +132,9 @@ def build_trainer(method: Method, s: Settings, seed: int, model_path: str, work_
     kwargs: dict[str, Any] = dict(train_dataset=train, callbacks=[measure])
     if method.is_ab:
         cfg = ABConfig(**ab_schedules(s)[str(method)])
-        trainer = ABTrainer(model=model, args=training_arguments(out_dir, **common),
-                            ab_config=cfg, **kwargs)
+        lr = s.lora_lr if method.rank(s) else s.lr  # the residual methods: the rank methods' LR
+        args = training_arguments(out_dir, **{**common, "learning_rate": lr})
+        trainer = ABTrainer(model=model, args=args, ab_config=cfg, **kwargs)
     elif method.is_adapter:
         from peft import LoraConfig, get_peft_model
 
@@ -141,8 +142,7 @@ def build_trainer(method: Method, s: Settings, seed: int, model_path: str, work_
         lora = LoraConfig(r=method.rank(s), lora_alpha=method.alpha(s), lora_dropout=0.0,
                           bias="none", target_modules=TARGET_MODULES, task_type="CAUSAL_LM",
                           init_lora_weights="pissa" if pissa else True)
-        lr = s.pissa_lr if pissa else s.lora_lr
-        args = training_arguments(out_dir, **{**common, "learning_rate": lr})
+        args = training_arguments(out_dir, **{**common, "learning_rate": s.lora_lr})
         trainer = Trainer(model=get_peft_model(model, lora), args=args, **kwargs)
     elif method == Method.GALORE:
         optim_args = (f"rank={s.galore_rank},update_proj_gap={s.galore_update_proj_gap},"
