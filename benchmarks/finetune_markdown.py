@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.finetune_plot import plot
+from benchmarks.finetune_results import RANK_BYTES_TARGET, targets
 from benchmarks.finetune_settings import MB, Method
 
 
@@ -36,7 +37,34 @@ def markdown_table(res: dict[str, Any]) -> str:
             f"{sm['steps_per_second']['mean']:.2f} | "
             f"{sm['trained_params_per_step']['mean'] / 1e6:.2f}M | {m.get('ranks_kept', '-')} | "
             f"{m['what']} |")
-    return "\n".join(rows) + "\n"
+    return "\n".join(rows) + "\n" + markdown_targets(res)
+
+
+def markdown_targets(res: dict[str, Any]) -> str:
+    """The issue's targets, checked on the results file (:func:`targets`): one row per
+    comparison that ran; empty when none did."""
+    rows = targets(res)
+    if not rows:
+        return ""
+    out = ["", "| AB method | against | at equal | held-out loss AB / other (gap) | seed std AB / "
+           "other | AB worst seed / other best seed | wire bytes AB / other | payload bytes "
+           "AB / other | peak state AB / other | target met |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["equal"] == "bytes":
+            verdict = "yes" if r["met"] else "no: AB's worst seed does not beat the other's best"
+        else:
+            misses = [what for ok, what in [
+                (r["wire_ratio"] <= RANK_BYTES_TARGET, f"bytes above {RANK_BYTES_TARGET:g}x"),
+                (r["loss_ok"], "loss beyond the seed spread"),
+                (r["state_ratio"] <= 1.0, "peak state above the other's")] if not ok]
+            verdict = "yes" if not misses else "no: " + ", ".join(misses)
+        out.append(
+            f"| {r['ab']} | {r['other']} | {r['equal']} | {r['loss_ab']:.3f} / "
+            f"{r['loss_other']:.3f} ({r['gap']:+.3f}) | {r['std_ab']:.3f} / {r['std_other']:.3f} "
+            f"| {r['worst_ab']:.3f} / {r['best_other']:.3f} | {r['wire_ratio']:.2f}x | "
+            f"{r['bytes_ratio']:.2f}x | {r['state_ratio']:.2f}x | {verdict} |")
+    return "\n".join(out) + "\n"
 
 
 def markdown_run(res: dict[str, Any]) -> str:
