@@ -15,6 +15,7 @@ tie.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections import defaultdict
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from .config import ABConfig, ABConfigError
-from .layers import ABLayer, is_factorizable, wrap
+from .layers import ABLayer, is_factorizable, is_transformers_conv1d, wrap
 
 
 def _matches(name: str, pattern: list[str] | str) -> bool:
@@ -251,3 +252,81 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def save_lora_adapter(model: nn.Module, base_model: nn.Module, path: str,
+                      rank: int | None = None, tolerance: float = 1e-4) -> dict[str, float]:
+    """Save what fine-tuning changed as a peft LoRA adapter on the ORIGINAL ``base_model``.
+
+    For every AB layer the change is dW = (W_res + A B) - W0 (W0: the base's weight). Right
+    after one factorization with ``residual`` it is [A, A0][B; -B0], of rank 2r (peft's own
+    conversion of PiSSA); every re-factorization may add 2r more. dW is split by its SVD into
+    ``lora_B`` (out x k) and ``lora_A`` (k x in) with k = ``rank`` (None: the smallest k that
+    holds every layer's change to within ``tolerance``), saved with ``lora_alpha = k`` (scale 1)
+    through peft's ``save_pretrained``, so ``PeftModel.from_pretrained(base, path)`` gives the
+    fine-tuned model back.
+
+    Refused loudly (ABConfigError, nothing written) when a parameter outside the AB layers
+    differs from the base's (it trained: use ``freeze_untargeted``; an adapter holds the AB
+    layers only) or when ``rank`` cannot hold some layer's change to within ``tolerance``
+    (relative Frobenius error). Returns each layer's relative error. Needs peft.
+    """
+    from peft import LoraConfig, get_peft_model  # lazy: peft is optional
+
+    base_params = dict(base_model.named_parameters())
+    layers = dict(ab_layers(model))
+    inside = {f"{name}.{p}" for name in layers for p in ("weight", "bias", "A", "B")}
+    for name, param in model.named_parameters():
+        if name in inside or name not in base_params:
+            continue
+        if not torch.equal(param.detach().cpu(), base_params[name].detach().cpu()):
+            raise ABConfigError(
+                f"save_lora_adapter: {name} differs from the base model's, but a LoRA adapter "
+                f"holds the AB layers' change only. Train with freeze_untargeted=True (or "
+                f"save_pretrained the whole model).")
+    deltas: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        base = base_model.get_submodule(name)
+        w0 = layer._weight_to_matrix(base.weight.detach()).double().cpu()
+        deltas[name] = layer.matrix().double().cpu() - w0
+        if layer.bias is not None and not torch.equal(layer.bias.detach().cpu(),
+                                                      base.bias.detach().cpu()):
+            raise ABConfigError(f"save_lora_adapter: the bias of {name} trained; a LoRA "
+                                f"adapter (bias='none') cannot hold it. Use freeze_untargeted.")
+    svds = {name: torch.linalg.svd(d, full_matrices=False) for name, d in deltas.items()}
+
+    def error(s: torch.Tensor, k: int) -> float:
+        total = float((s ** 2).sum())
+        return float((s[k:] ** 2).sum() / total) ** 0.5 if total > 0 else 0.0
+
+    if rank is None:
+        rank = 1
+        for _, s, _ in svds.values():
+            k = 1
+            while k < s.numel() and error(s, k) > tolerance:
+                k += 1
+            rank = max(rank, k)
+    errors = {name: error(s, min(rank, s.numel())) for name, (_, s, _) in svds.items()}
+    bad = {n: e for n, e in errors.items() if e > tolerance}
+    if bad:
+        name, err = max(bad.items(), key=lambda kv: kv[1])
+        raise ABConfigError(f"save_lora_adapter: rank {rank} holds the change of {name} only "
+                            f"to a relative error of {err:.2e} (> tolerance {tolerance:g}). "
+                            f"Raise rank (or leave it None to take the smallest that fits).")
+    peft_model = get_peft_model(copy.deepcopy(base_model), LoraConfig(
+        r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none", init_lora_weights=False,
+        target_modules=list(layers), fan_in_fan_out=any(
+            is_transformers_conv1d(base_model.get_submodule(n)) for n in layers)))
+    with torch.no_grad():
+        for name, (u, s, vh) in svds.items():
+            k = min(rank, s.numel())
+            root = s[:k].sqrt()
+            b = torch.zeros(u.shape[0], rank, dtype=torch.float64)
+            a = torch.zeros(rank, vh.shape[1], dtype=torch.float64)
+            b[:, :k] = u[:, :k] * root
+            a[:k] = root[:, None] * vh[:k]
+            lora = peft_model.base_model.model.get_submodule(name)
+            lora.lora_A["default"].weight.copy_(a)
+            lora.lora_B["default"].weight.copy_(b)
+    peft_model.save_pretrained(path)
+    return errors

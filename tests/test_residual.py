@@ -350,3 +350,41 @@ def test_freeze_untargeted_sends_the_trained_factors_gradients_only(world_result
         for r in world_results:
             rec = r[key]
             assert rec["ab_bytes"] == rec["expected_ab_bytes"], key
+
+
+# ---------------------------------------------------------------------------- peft adapter
+def test_the_change_exports_as_a_peft_lora_adapter_on_the_original_base(tmp_path):
+    from peft import PeftModel
+
+    from ab_accel.model import save_lora_adapter
+
+    base = _gpt2()
+    model = copy.deepcopy(base)
+    convert(model, ABConfig(residual=True, freeze_untargeted=True, target_modules="all"))
+    factorize_all(model, 3)
+    with torch.no_grad():  # as fine-tuning would: move both factors
+        for _, layer in ab_layers(model):
+            layer.A.add_(0.05 * torch.randn_like(layer.A))
+            layer.B.add_(0.05 * torch.randn_like(layer.B))
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        tuned, before = model(ids).logits, base(ids).logits
+    errors = save_lora_adapter(model, base, str(tmp_path / "adapter"))
+    assert max(errors.values()) <= 1e-4
+    import json
+
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 6  # [A, A0][B; -B0]: twice the rank
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        out = loaded(input_ids=ids).logits
+    torch.testing.assert_close(out, tuned, atol=1e-4, rtol=1e-4)
+    assert (out - before).abs().max() > 1e-3
+    # too small a rank, or a trained parameter outside the AB layers: refused, nothing written
+    with pytest.raises(ABConfigError, match="Raise rank"):
+        save_lora_adapter(model, base, str(tmp_path / "small"), rank=2)
+    with torch.no_grad():
+        model.transformer.wte.weight.add_(1.0)
+    with pytest.raises(ABConfigError, match="freeze_untargeted"):
+        save_lora_adapter(model, base, str(tmp_path / "other"))
+    assert not (tmp_path / "small").exists() and not (tmp_path / "other").exists()
