@@ -158,8 +158,9 @@ def test_quick_run_counts_bytes_and_memory_exactly(quick: dict) -> None:
     assert ranks == [QUICK["ab_fixed_rank"]] * len(ranks)
 
 
-def test_benchmarks_md_table_is_the_generated_one() -> None:
-    path = RESULTS / "finetune.json"
+@pytest.mark.parametrize("name", ["finetune.json", "finetune_large.json", "finetune_v1.json"])
+def test_benchmarks_md_table_is_the_generated_one(name: str) -> None:
+    path = RESULTS / name
     if not path.exists():
         pytest.skip("no full fine-tuning results committed yet")
     text = (ROOT / "BENCHMARKS.md").read_text()
