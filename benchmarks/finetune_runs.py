@@ -113,7 +113,8 @@ def describe(method: Method, s: Settings) -> str:
     extra = "".join(f"; {k}" for k in ("lean_memory", "residual", "freeze_untargeted")
                     if ab.get(k))
     lr = s.lora_lr if method.rank(s) else s.lr
-    return f"{rule}; {ab['sync_mode']}; {sched}{extra}, lr {lr:g}"
+    mode = ab.get("sync_mode", "with-stale")  # the residual methods list non-defaults only
+    return f"{rule}; {mode}; {sched}{extra}, lr {lr:g}"
 
 
 def _write(path: str, result: dict[str, Any]) -> None:
