@@ -37,6 +37,8 @@ COMPARISONS: tuple[tuple[str, str, str], ...] = (
     ("ab-residual", "lora-half", "bytes"), ("ab-residual", "pissa-half", "bytes"),
     ("ab-residual-double", "lora", "bytes"), ("ab-residual-double", "pissa", "bytes"),
     ("ab-residual", "lora", "rank"), ("ab-residual", "pissa", "rank"),
+    ("ab-residual-2lr", "lora-half", "bytes"), ("ab-residual-2lr", "pissa-half", "bytes"),
+    ("ab-residual-2lr", "lora", "rank"),
 )
 #: At equal rank AB sends at most this share of LoRA's bytes (each rank sends one factor).
 RANK_BYTES_TARGET = 0.55

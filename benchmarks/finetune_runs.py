@@ -81,7 +81,7 @@ def ab_schedules(s: Settings) -> dict[str, dict[str, Any]]:
             "sync_mode": "with-stale", "target_modules": TARGET_MODULES}
     defaults = ABConfig().to_dict()
     residual = {}
-    for method in (Method.AB_RESIDUAL, Method.AB_RESIDUAL_DOUBLE):
+    for method in (Method.AB_RESIDUAL, Method.AB_RESIDUAL_DOUBLE, Method.AB_RESIDUAL_2LR):
         cfg = ABConfig.for_finetuning(s.steps, rank=method.rank(s), cycles=s.ab_lean_cycles,
                                       **{"target_modules": TARGET_MODULES, **s.ab_residual}
                                       ).to_dict()
@@ -112,7 +112,7 @@ def describe(method: Method, s: Settings) -> str:
             f"R={ab['lr_rebound_steps']}"
     extra = "".join(f"; {k}" for k in ("lean_memory", "residual", "freeze_untargeted")
                     if ab.get(k))
-    lr = s.lora_lr if method.rank(s) else s.lr
+    lr = method.lr(s)
     mode = ab.get("sync_mode", "with-stale")  # the residual methods list non-defaults only
     return f"{rule}; {mode}; {sched}{extra}, lr {lr:g}"
 

@@ -33,6 +33,7 @@ class Method(str, Enum):
     PISSA_HALF = "pissa-half"
     AB_RESIDUAL = "ab-residual"
     AB_RESIDUAL_DOUBLE = "ab-residual-double"
+    AB_RESIDUAL_2LR = "ab-residual-2lr"
 
     def __str__(self) -> str:
         return self.value
@@ -53,7 +54,16 @@ class Method(str, Enum):
         factors); twice it for ab-residual-double, whose bytes equal lora's."""
         return {Method.LORA: s.lora_r, Method.PISSA: s.lora_r, Method.AB_RESIDUAL: s.lora_r,
                 Method.LORA_HALF: max(1, s.lora_r // 2), Method.PISSA_HALF: max(1, s.lora_r // 2),
-                Method.AB_RESIDUAL_DOUBLE: 2 * s.lora_r}.get(self)
+                Method.AB_RESIDUAL_DOUBLE: 2 * s.lora_r, Method.AB_RESIDUAL_2LR: s.lora_r
+                }.get(self)
+
+    def lr(self, s: Settings) -> float:
+        """The peak LR: ``lora_lr`` for the rank methods (ab-residual-2lr: twice it, which
+        undoes with-stale's halving of each group's change at a sync), ``lr`` for the
+        others."""
+        if self == Method.AB_RESIDUAL_2LR:
+            return 2 * s.lora_lr
+        return s.lora_lr if self.rank(s) else s.lr
 
     def alpha(self, s: Settings) -> int:
         """An adapter's lora_alpha: the scale alpha / r of ``lora_alpha / lora_r`` at every

@@ -132,8 +132,7 @@ def build_trainer(method: Method, s: Settings, seed: int, model_path: str, work_
     kwargs: dict[str, Any] = dict(train_dataset=train, callbacks=[measure])
     if method.is_ab:
         cfg = ABConfig(**ab_schedules(s)[str(method)])
-        lr = s.lora_lr if method.rank(s) else s.lr  # the residual methods: the rank methods' LR
-        args = training_arguments(out_dir, **{**common, "learning_rate": lr})
+        args = training_arguments(out_dir, **{**common, "learning_rate": method.lr(s)})
         trainer = ABTrainer(model=model, args=args, ab_config=cfg, **kwargs)
     elif method.is_adapter:
         from peft import LoraConfig, get_peft_model
