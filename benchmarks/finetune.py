@@ -1,4 +1,4 @@
-"""Fine-tuning: AB-training against full fine-tuning, LoRA and GaLore, on the same run.
+"""Fine-tuning: AB-training against full fine-tuning, LoRA, PiSSA and GaLore, on the same run.
 
 A byte-level causal LM (transformers' Llama architecture, built from a config, ~2M parameters)
 is PRETRAINED here on one real corpus that ships with the machine's software, the Python
@@ -23,7 +23,16 @@ schedule and seeds for every one (each is a ``transformers.Trainer`` or a subcla
   by layer) at a ``fixed_rank``; ``ab-lean-energy``: the same with ``rank_energy``;
 * ``lora``: peft's LoRA (rank ``lora_r``) on the attention and MLP projections, the plain
   Trainer + DDP;
-* ``galore``: the Trainer's own ``optim="galore_adamw"`` (galore-torch) on the same layers.
+* ``galore``: the Trainer's own ``optim="galore_adamw"`` (galore-torch) on the same layers;
+* ``lora-half``: LoRA at half of ``lora_r`` (the bytes per rank of AB at ``lora_r``: each AB
+  rank sends one factor); ``pissa``, ``pissa-half``: peft's PiSSA (``init_lora_weights=
+  "pissa"``: the principal factors, the rest of the weight frozen) at those ranks;
+* ``ab-residual``: :meth:`ab_accel.ABConfig.for_finetuning` at rank ``lora_r`` (the frozen
+  residual, untargeted parameters frozen, lean_memory, with-stale); ``ab-residual-double`` at
+  twice the rank (LoRA's bytes); ``ab-residual-2lr`` at rank ``lora_r`` and twice the LR
+  (with-stale keeps half of each group's change at a sync).
+
+The rank methods (LoRA, PiSSA, the residual methods) share ``lora_lr``; the others use ``lr``.
 
 Every method targets the same layers (q, k, v, o, gate, up, down projections); embeddings,
 norms and the LM head are trained densely by the full-rank methods and frozen by LoRA.
@@ -36,11 +45,13 @@ full fine-tuning of the same model over the same steps), peak training-state mem
 (parameters + gradients + optimizer state, walked at every optimizer step), peak RSS and steps
 per second.
 
-    python benchmarks/finetune.py                      # the full run: 3 seeds
-    python benchmarks/finetune.py --quick              # 1 seed, a smaller model, a few minutes
-    python benchmarks/finetune.py --report_only true   # table and plot from the results file
+    python -m benchmarks.finetune                      # the full run: 3 seeds
+    python -m benchmarks.finetune --quick              # 1 seed, a smaller model, a few minutes
+    python -m benchmarks.finetune --large              # the 7.87M model, the rank methods
+    python -m benchmarks.finetune --report_only true   # table and plot from the results file
 
-Results: ``benchmarks/results/finetune.json`` (``finetune_quick.json``), ``*_table.md`` (the
+Results: ``benchmarks/results/finetune.json`` (``finetune_quick.json``, ``finetune_large.json``;
+``finetune_v1.json`` is the first run, before the residual), ``*_table.md`` (the
 table BENCHMARKS.md shows, from :func:`markdown_table`) and ``*.png`` (held-out loss against
 bytes per rank and against peak training-state memory).
 """
@@ -76,7 +87,8 @@ from benchmarks.finetune_settings import (  # noqa: F401
 
 def parse(argv: list[str] | None = None) -> Settings:
     """The Settings of a run: defaults < ``--quick``'s preset < the other flags."""
-    parser = ArgumentParser(prog="finetune.py", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.finetune",
+                            description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="The quick variant: 1 seed, a smaller model, fewer steps.")
     parser.add_argument("--large", action="store_true",
