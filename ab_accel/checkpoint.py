@@ -53,7 +53,8 @@ STATE_MANIFEST = "ab_state.json"
 #: unless ``accept_resume_changes`` is set (the other fields may change freely).
 SCHEDULE_FIELDS = ("enabled", "warmup_steps", "sync_every", "rebound_steps", "lr_rebound_steps",
                    "rank_cutoff", "min_rank", "rank_energy", "rank_fraction", "fixed_rank",
-                   "group_size", "sync_mode", "target_modules", "exclude_modules", "lean_memory")
+                   "group_size", "sync_mode", "target_modules", "exclude_modules", "lean_memory",
+                   "residual", "freeze_untargeted")
 _TMP = ".tmp"
 
 

@@ -130,6 +130,28 @@ class ABConfig:
                           "optimizer state. Needs warmup_steps=0 and rebound_steps=0 (no dense "
                           "steps at all)."},
     )
+    residual: bool = field(
+        default=False,
+        metadata={"help": "Keep W_res = W - A B at every factorization as a frozen tensor of "
+                          "the layer (PiSSA-style): the forward is x W_res^T + x B^T A^T, every "
+                          "dense read (export, merge, sync, the next SVD) is W_res + A B, so "
+                          "converting loses nothing. Never trained nor communicated; costs one "
+                          "dense weight of memory per factorized layer (LoRA's frozen base)."},
+    )
+    residual_dtype: str | None = field(
+        default=None,
+        metadata={"help": "The residual's dtype: 'bf16' halves its memory under fp32 factors "
+                          "(it is then rounded once, so conversion is no longer exact); None "
+                          "keeps it in the parameters' dtype."},
+    )
+    freeze_untargeted: bool = field(
+        default=False,
+        metadata={"help": "Freeze every parameter outside the factorized layers (embeddings, "
+                          "norms, head, the factorized layers' biases), as peft does: only the "
+                          "factors (or the targets' dense weights in a dense step) get "
+                          "gradients, so nothing else is reduced, synced or given optimizer "
+                          "state."},
+    )
     overlap: bool = field(
         default=True,
         metadata={"help": "Launch the gradient reduction during backward, bucket by bucket, as "
@@ -281,6 +303,18 @@ class ABConfig:
                 f"ab_training.lean_memory needs warmup_steps=0 and rebound_steps=0 (got "
                 f"{self.warmup_steps} and {self.rebound_steps}): its point is that no step is "
                 f"dense, so no dense weight ever gets gradients or optimizer state.")
+        for name in ("residual", "freeze_untargeted"):
+            if not isinstance(getattr(self, name), bool):
+                raise ABConfigError(f"ab_training.{name} must be true or false, got "
+                                    f"{getattr(self, name)!r}.")
+        if self.residual_dtype in ("none", "None"):
+            self.residual_dtype = None
+        if self.residual_dtype not in (None, "bf16", "fp16", "fp32"):
+            raise ABConfigError(f"ab_training.residual_dtype must be 'bf16', 'fp16', 'fp32' or "
+                                f"null (the parameters' dtype), got {self.residual_dtype!r}.")
+        if self.residual_dtype is not None and not self.residual:
+            raise ABConfigError("ab_training.residual_dtype is set but residual is false: set "
+                                "residual=true (or drop residual_dtype).")
         if not isinstance(self.overlap, bool):
             raise ABConfigError(f"ab_training.overlap must be true or false, got "
                                 f"{self.overlap!r}.")
@@ -306,6 +340,37 @@ class ABConfig:
             raise ABConfigError(
                 f"ab_training.orthogonal_init must be true or false, got {self.orthogonal_init!r}."
             )
+
+    @classmethod
+    def for_finetuning(cls, total_steps: int, rank: int = 16, cycles: int = 4,
+                       **overrides: Any) -> ABConfig:
+        """The settings a fine-tuner of a pretrained model should start from.
+
+        What the fine-tuning benchmark (BENCHMARKS.md) found to beat LoRA at equal bytes: the
+        frozen residual (``residual``: converting loses nothing, so the pretrained model's
+        spectrum tail is kept), every parameter outside the targets frozen
+        (``freeze_untargeted``, as LoRA does), ``lean_memory`` (no dense step, so no dense
+        weight ever has a gradient or optimizer state), a ``fixed_rank`` of ``rank`` (each rank
+        trains and sends ONE factor: about half of LoRA's bytes at the same rank), and
+        ``cycles`` AB cycles over the run (each ends with a sync and a re-factorization of the
+        whole W_res + A B), with an LR rebound of 20% of a cycle after each, and sync_mode
+        ``"with-stale"``: to first order its W_res + mean(A) mean(B) is the mean of the two
+        groups' models. ``"only-learned"`` keeps both groups' changes whole, which adds them:
+        on the benchmark the loss jumped up after every sync (1.72 against 1.64 for LoRA).
+        ``overrides`` set any other field (``target_modules``, ``sync_mode``,
+        ``residual_dtype``, ...).
+        """
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or \
+                total_steps < cycles or cycles < 1:
+            raise ABConfigError(f"for_finetuning needs total_steps >= cycles >= 1 (whole "
+                                f"numbers), got total_steps={total_steps!r}, cycles={cycles!r}.")
+        sync_every = total_steps // cycles
+        base: dict[str, Any] = {
+            "warmup_steps": 0, "rebound_steps": 0, "sync_every": sync_every,
+            "lr_rebound_steps": max(1, round(0.2 * sync_every)), "lean_memory": True,
+            "residual": True, "freeze_untargeted": True, "fixed_rank": rank,
+            "sync_mode": "with-stale"}
+        return cls.from_dict({**base, **overrides})
 
     def rank_rule(self) -> dict[str, Any]:
         """The keywords of :func:`ab_accel.layers.cut_rank` for the configured rank rule."""

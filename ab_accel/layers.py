@@ -19,13 +19,27 @@ op; under the break-even cap it always does, but the rule is kept explicit.
 
 Layers know nothing about groups or torch.distributed: the optimizer tells them what to train.
 
+The frozen residual (``ABConfig.residual``, PiSSA-style, arXiv 2404.02948). A layer with
+``keep_residual`` keeps, at every factorization, W_res = W - A B as a frozen tensor of the layer
+(``layer.residual``, in the weight's layout): not a parameter and not a buffer, so it gets no
+gradient and no optimizer state, and nothing that walks ``parameters()`` or ``buffers()``
+(ab_accel's reductions and syncs, DDP, DeepSpeed) ever sends it; ``.to()`` / ``.half()`` move
+it with the layer. It is computed on every rank from the same W and the same factors, so it is
+identical everywhere. The forward is x W_res^T + x B^T A^T (+ bias), a conv likewise, and every
+dense read (``matrix()``, ``weight``, the export, ``merge``, a sync's W <- A B, the next
+factorization's SVD) is W = W_res + A B, so converting is lossless: right after the
+factorization the layer computes what the dense layer computed (up to float rounding). Memory:
+the residual is one dense weight (in the parameters' dtype, or ``residual_dtype``, e.g. bf16
+under fp32 factors: half of it), on top of the factors; what it saves is the dense weight's
+gradient and optimizer state (3x the weight with AdamW), as LoRA's frozen base does.
+
 State dicts. What a layer saves for the outside world (``state_dict()``, so ``save_pretrained``,
 the Trainer's model file, Accelerate's ``save_model``) is always the dense ``weight`` (W = A B in
 AB mode) under the original key, so plain torch or transformers loads it with no missing or
 unexpected keys. Inside :func:`factored_state_dict` (what ab_accel's per-group checkpoint shards
-use) an AB-mode layer saves ``A`` and ``B`` instead: the exact-resume format. Loading accepts
-both: a file with ``A``/``B`` puts the layer in AB mode at that rank, one with ``weight`` in full
-mode.
+use) an AB-mode layer saves ``A`` and ``B`` instead (and its ``residual``, once): the
+exact-resume format. Loading accepts both: a file with ``A``/``B`` puts the layer in AB mode at
+that rank (with the file's residual, bit for bit, or none), one with ``weight`` in full mode.
 """
 
 from __future__ import annotations
@@ -123,6 +137,13 @@ class ABLayer(nn.Module):
         #: Bumped on every change of structure, so an optimizer can tell its params are stale.
         self.structure_version = 0
         self._svd_cache: tuple[torch.Tensor, ...] | None = None
+        #: Keep W_res = W - A B at every factorization (``ABConfig.residual``).
+        self.keep_residual = False
+        #: The residual's dtype (None: the parameters'); ``ABConfig.residual_dtype``.
+        self.residual_dtype: torch.dtype | None = None
+        #: The frozen residual W - A B in the weight's layout (AB mode with keep_residual), or
+        #: None. A plain attribute: no parameter, no buffer (see the module docstring).
+        self.residual: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ subclass hooks
     def _weight_to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
@@ -134,7 +155,7 @@ class ABLayer(nn.Module):
     def _dense_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _factored_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _factored_forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         raise NotImplementedError
 
     def _positions(self, x: torch.Tensor) -> int:
@@ -157,6 +178,11 @@ class ABLayer(nn.Module):
         return self.weight.numel()
 
     @property
+    def residual_numel(self) -> int:
+        """Elements of the frozen residual held now (0 without one)."""
+        return self.residual.numel() if self.residual is not None else 0
+
+    @property
     def param_dtype(self) -> torch.dtype:
         return self.factor_params()[0].dtype
 
@@ -168,7 +194,10 @@ class ABLayer(nn.Module):
         """The current W as an out x in matrix (A B in AB mode), without autograd."""
         with torch.no_grad():
             if self.mode == LayerMode.AB:
-                return self.A @ self.B
+                product = self.A @ self.B
+                if self.residual is not None:
+                    product = product + self._weight_to_matrix(self.residual).to(product.dtype)
+                return product
             return self._weight_to_matrix(self.weight)
 
     def factor_params(self) -> list[nn.Parameter]:
@@ -195,30 +224,46 @@ class ABLayer(nn.Module):
         self._svd_cache = None
         a, b = svd_split(matrix, rank, svd)
         device = self.param_device
+        residual = self._residual_of(matrix, a, b) if self.keep_residual else None
+        del matrix, svd
         self._release()
         self.A = nn.Parameter(a.to(device))
         self.B = nn.Parameter(b.to(device))
+        self.residual = residual
         self.mode = LayerMode.AB
         self.rank = rank
         self._finish()
+
+    def _residual_of(self, matrix: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+                     ) -> torch.Tensor:
+        """W_res = W - A B (in the weight's layout), from the factors exactly as stored, so that
+        W_res + A B gives W back up to one rounding; computed in float32 or wider."""
+        work = torch.float64 if matrix.dtype == torch.float64 else torch.float32
+        res = matrix.to(work) - a.to(work) @ b.to(work)
+        dtype = self.residual_dtype or matrix.dtype
+        return self._matrix_to_weight(res).to(dtype).contiguous()
 
     @torch.no_grad()
     def to_full(self) -> None:
         """(A, B) -> W = A B; releases the factors."""
         if self.mode == LayerMode.FULL:
             return
-        weight = self._matrix_to_weight(self.A @ self.B).contiguous()
+        weight = self._matrix_to_weight(self.matrix()).contiguous()
         self._release()
+        self.residual = None
         self.weight = nn.Parameter(weight)
         self.mode = LayerMode.FULL
         self.rank = None
         self._finish()
 
     @torch.no_grad()
-    def set_factors(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Put the layer in AB mode with the given factors (new parameters)."""
+    def set_factors(self, a: torch.Tensor, b: torch.Tensor,
+                    residual: torch.Tensor | None = None) -> None:
+        """Put the layer in AB mode with the given factors (new parameters) and ``residual``
+        (W = residual + a b; None: W = a b)."""
         device, dtype = self.param_device, self.param_dtype
         self._release()
+        self.residual = None if residual is None else residual.to(device).clone()
         self.A = nn.Parameter(a.to(device=device, dtype=dtype).contiguous())
         self.B = nn.Parameter(b.to(device=device, dtype=dtype).contiguous())
         self.mode = LayerMode.AB
@@ -234,6 +279,8 @@ class ABLayer(nn.Module):
             a, b = svd_split(matrix, self.rank)
             self.A.copy_(a)
             self.B.copy_(b)
+            if self.residual is not None:
+                self.residual = self._residual_of(matrix, self.A, self.B)
         else:
             self.weight.copy_(self._matrix_to_weight(matrix))
 
@@ -266,6 +313,14 @@ class ABLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == LayerMode.AB:
+            if self.residual is not None:
+                # x W_res^T (+ bias) + x B^T A^T: the residual is a constant, so autograd keeps
+                # nothing for it and its matmul is the dense layer's, plus the adapter's r (m + n)
+                # per position (peft's LoRA path; never the m n rebuild of W).
+                residual = self.residual
+                if residual.dtype != self.A.dtype:
+                    residual = residual.to(self.A.dtype)
+                return self._dense_forward(x, residual) + self._factored_forward(x, bias=False)
             if self.use_factored(self._positions(x)):
                 return self._factored_forward(x)
             return self._dense_forward(x, self._matrix_to_weight(self.A @ self.B))
@@ -279,25 +334,37 @@ class ABLayer(nn.Module):
             # working in AB mode: it gets W = A B, computed on demand, with autograd.
             params = self.__dict__.get("_parameters", {})
             if name == "weight" and params.get("A") is not None:
-                return self._matrix_to_weight(params["A"] @ params["B"])
+                weight = self._matrix_to_weight(params["A"] @ params["B"])
+                residual = self.__dict__.get("residual")
+                return weight if residual is None else weight + residual.to(weight.dtype)
             raise
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ABLayer:
+        # .to(), .half(), .cuda() move the residual with the parameters (it is neither a
+        # parameter nor a buffer: see the module docstring).
+        out = super()._apply(fn, recurse)
+        if self.residual is not None:
+            self.residual = fn(self.residual)
+        return out
 
     # ------------------------------------------------------------------ state dicts
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
                             keep_vars: bool) -> None:
         if self.mode == LayerMode.AB and not _FACTORS_IN_STATE_DICT.get():
             # The export: the dense weight under its original key (see the module docstring).
-            with torch.no_grad():
-                destination[prefix + "weight"] = self._matrix_to_weight(self.A @ self.B)
+            destination[prefix + "weight"] = self._matrix_to_weight(self.matrix())
             if self.bias is not None:
                 destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
             return
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.mode == LayerMode.AB and self.residual is not None:
+            destination[prefix + "residual"] = self.residual
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # A checkpoint taken in the other mode restructures the layer first, so that
         # load_state_dict works across phases (the optimizer picks the new params up).
+        residual = state_dict.get(f"{prefix}residual")
         if f"{prefix}A" in state_dict and self.mode == LayerMode.FULL:
             a, b = state_dict[f"{prefix}A"], state_dict[f"{prefix}B"]
             dtype, device = self.param_dtype, self.param_device
@@ -319,9 +386,19 @@ class ABLayer(nn.Module):
             self._finish()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if f"{prefix}residual" in unexpected_keys:
+            unexpected_keys.remove(f"{prefix}residual")
+        if self.mode == LayerMode.AB and f"{prefix}A" in state_dict:
+            # the file's residual, bit for bit (its own dtype), or none: the file is the truth
+            self.residual = (None if residual is None else residual.detach().to(
+                device=self.param_device, copy=True).contiguous())
+        elif self.mode == LayerMode.FULL:
+            self.residual = None
 
     def extra_repr(self) -> str:
         rank = f", rank={self.rank}" if self.mode == LayerMode.AB else ""
+        if self.residual is not None:
+            rank += ", residual=True"
         return (f"out={self.out_dim}, in={self.in_dim}, mode={self.mode}{rank}, "
                 f"bias={self.bias is not None}")
 
@@ -357,8 +434,8 @@ class ABLinear(ABLayer):
     def _dense_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.bias)
 
-    def _factored_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.B), self.A, self.bias)
+    def _factored_forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        return F.linear(F.linear(x, self.B), self.A, self.bias if bias else None)
 
     def to_dense_module(self) -> nn.Linear:
         w = self.matrix()
@@ -422,13 +499,13 @@ class ABConv2d(ABLayer):
         x, padding = self._pad(x)
         return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation)
 
-    def _factored_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _factored_forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         x, padding = self._pad(x)
         r = self.rank
         b = self.B.reshape(r, self.in_channels, *self.kernel_size)
         h = F.conv2d(x, b, None, self.stride, padding, self.dilation)
         a = self.A.reshape(self.out_channels, r, 1, 1)
-        return F.conv2d(h, a, self.bias)
+        return F.conv2d(h, a, self.bias if bias else None)
 
     def to_dense_module(self) -> nn.Conv2d:
         w = self.matrix()
@@ -473,8 +550,8 @@ class ABConv1D(ABLayer):
             out = out + self.bias
         return out.reshape(shape)
 
-    def _factored_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.B), self.A, self.bias)
+    def _factored_forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        return F.linear(F.linear(x, self.B), self.A, self.bias if bias else None)
 
     def to_dense_module(self) -> nn.Module:
         from transformers.pytorch_utils import Conv1D  # lazy: transformers is optional

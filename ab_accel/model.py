@@ -15,15 +15,17 @@ tie.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import ABConfig, ABConfigError
-from .layers import ABLayer, is_factorizable, wrap
+from .layers import ABLayer, is_factorizable, is_transformers_conv1d, wrap
 
 
 def _matches(name: str, pattern: list[str] | str) -> bool:
@@ -135,23 +137,54 @@ def convert(model: nn.Module, config: ABConfig | dict[str, Any] | None = None) -
     outputs and state-dict keys are unchanged until the first factorization. With
     ``config.orthogonal_init`` every converted weight's singular values are set to 1.
     Converting twice is a no-op for layers that are already AB layers.
+
+    ``config.residual`` makes every AB layer keep W_res = W - A B at its factorizations (see
+    :mod:`ab_accel.layers`); ``config.freeze_untargeted`` sets ``requires_grad=False`` on every
+    parameter that is not an AB layer's weight or factor (biases of the AB layers included), as
+    peft does, so the ABOptimizer, which reduces and syncs trainable parameters only, never
+    sends them.
     """
     config = ABConfig() if config is None else ABConfig.from_dict(config)
     if not config.enabled:
         return model
     names = select_layers(model, config)
+    residual_dtype = _DTYPES.get(config.residual_dtype) if config.residual_dtype else None
     for name in names:
         module = model.get_submodule(name)
-        if isinstance(module, ABLayer):
-            continue
-        layer = wrap(module)
+        layer = module if isinstance(module, ABLayer) else wrap(module)
         if layer is None:  # pragma: no cover - select_layers only returns factorizable ones
+            continue
+        layer.keep_residual = config.residual
+        layer.residual_dtype = residual_dtype
+        if layer is module:
             continue
         layer.train(module.training)
         _set_submodule(model, name, layer)
         if config.orthogonal_init:
             layer.orthogonalize()
+    if config.freeze_untargeted:
+        freeze_untargeted(model)
     return model
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def freeze_untargeted(model: nn.Module) -> list[str]:
+    """``requires_grad=False`` on every parameter that is not an AB layer's weight or factor
+    (``ABConfig.freeze_untargeted``); returns the names frozen. The AB layers' own weights and
+    factors are left as they are (the ABOptimizer sets which factor trains)."""
+    kept = {id(p) for _, layer in ab_layers(model) for p in layer.factor_params()}
+    if not kept:
+        raise ABConfigError(
+            "ab_training.freeze_untargeted would freeze every parameter: the model has no AB "
+            "layer. Call convert() with target_modules that match some layers.")
+    frozen = []
+    for name, param in model.named_parameters():
+        if id(param) not in kept and param.requires_grad:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 def ab_layers(model: nn.Module) -> Iterator[tuple[str, ABLayer]]:
@@ -177,30 +210,40 @@ def merge(model: nn.Module) -> nn.Module:
 def compression(model: nn.Module) -> dict[str, Any]:
     """How much smaller the model is now than its dense self.
 
-    Returns ``params_now`` (all parameters allocated now), ``params_dense`` (the same model with
-    every AB layer dense), ``ratio`` = params_dense / params_now, the same three numbers over the
-    factorized layers only (``factorized_params_now``, ``factorized_params_dense``,
-    ``factorized_ratio``: the paper's compression of the low-rank layers), and ``layers``:
-    per-layer shape, mode and rank.
+    Returns ``params_now`` (all parameters allocated now), ``residual_now`` (elements of the
+    frozen residuals held now, ``ABConfig.residual``: not parameters, but memory), ``params_dense``
+    (the same model with every AB layer dense), ``ratio`` = params_dense / (params_now +
+    residual_now), the same numbers over the factorized layers only (``factorized_params_now``,
+    ``factorized_params_dense``, ``factorized_ratio``: the paper's compression of the low-rank
+    layers, below 1 with a residual: the model is then larger than dense, and what shrinks is
+    what trains), ``trainable_params_now`` (parameters with ``requires_grad``) and ``layers``:
+    per-layer shape, mode, rank (and ``residual``, its elements, where one is held).
     """
     params_now = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     layers: dict[str, dict[str, Any]] = {}
-    fact_now = fact_dense = 0
+    fact_now = fact_dense = residual = 0
     for name, layer in ab_layers(model):
         now = layer.numel_now
         fact_now += now
         fact_dense += layer.dense_numel
+        residual += layer.residual_numel
         layers[name] = {"shape": [layer.out_dim, layer.in_dim], "mode": layer.mode,
                         "rank": layer.rank, "max_rank": layer.max_rank,
                         "params_now": now, "params_dense": layer.dense_numel}
+        if layer.residual_numel:
+            layers[name]["residual"] = layer.residual_numel
     params_dense = params_now - fact_now + fact_dense
+    held = params_now + residual
     return {
         "params_now": params_now,
+        "residual_now": residual,
+        "trainable_params_now": trainable,
         "params_dense": params_dense,
-        "ratio": params_dense / params_now if params_now else 1.0,
+        "ratio": params_dense / held if held else 1.0,
         "factorized_params_now": fact_now,
         "factorized_params_dense": fact_dense,
-        "factorized_ratio": fact_dense / fact_now if fact_now else 1.0,
+        "factorized_ratio": fact_dense / (fact_now + residual) if fact_now else 1.0,
         "layers": layers,
     }
 
@@ -209,3 +252,81 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def save_lora_adapter(model: nn.Module, base_model: nn.Module, path: str,
+                      rank: int | None = None, tolerance: float = 1e-4) -> dict[str, float]:
+    """Save what fine-tuning changed as a peft LoRA adapter on the ORIGINAL ``base_model``.
+
+    For every AB layer the change is dW = (W_res + A B) - W0 (W0: the base's weight). Right
+    after one factorization with ``residual`` it is [A, A0][B; -B0], of rank 2r (peft's own
+    conversion of PiSSA); every re-factorization may add 2r more. dW is split by its SVD into
+    ``lora_B`` (out x k) and ``lora_A`` (k x in) with k = ``rank`` (None: the smallest k that
+    holds every layer's change to within ``tolerance``), saved with ``lora_alpha = k`` (scale 1)
+    through peft's ``save_pretrained``, so ``PeftModel.from_pretrained(base, path)`` gives the
+    fine-tuned model back.
+
+    Refused loudly (ABConfigError, nothing written) when a parameter outside the AB layers
+    differs from the base's (it trained: use ``freeze_untargeted``; an adapter holds the AB
+    layers only) or when ``rank`` cannot hold some layer's change to within ``tolerance``
+    (relative Frobenius error). Returns each layer's relative error. Needs peft.
+    """
+    from peft import LoraConfig, get_peft_model  # lazy: peft is optional
+
+    base_params = dict(base_model.named_parameters())
+    layers = dict(ab_layers(model))
+    inside = {f"{name}.{p}" for name in layers for p in ("weight", "bias", "A", "B")}
+    for name, param in model.named_parameters():
+        if name in inside or name not in base_params:
+            continue
+        if not torch.equal(param.detach().cpu(), base_params[name].detach().cpu()):
+            raise ABConfigError(
+                f"save_lora_adapter: {name} differs from the base model's, but a LoRA adapter "
+                f"holds the AB layers' change only. Train with freeze_untargeted=True (or "
+                f"save_pretrained the whole model).")
+    deltas: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        base = base_model.get_submodule(name)
+        w0 = layer._weight_to_matrix(base.weight.detach()).double().cpu()
+        deltas[name] = layer.matrix().double().cpu() - w0
+        if layer.bias is not None and not torch.equal(layer.bias.detach().cpu(),
+                                                      base.bias.detach().cpu()):
+            raise ABConfigError(f"save_lora_adapter: the bias of {name} trained; a LoRA "
+                                f"adapter (bias='none') cannot hold it. Use freeze_untargeted.")
+    svds = {name: torch.linalg.svd(d, full_matrices=False) for name, d in deltas.items()}
+
+    def error(s: torch.Tensor, k: int) -> float:
+        total = float((s ** 2).sum())
+        return float((s[k:] ** 2).sum() / total) ** 0.5 if total > 0 else 0.0
+
+    if rank is None:
+        rank = 1
+        for _, s, _ in svds.values():
+            k = 1
+            while k < s.numel() and error(s, k) > tolerance:
+                k += 1
+            rank = max(rank, k)
+    errors = {name: error(s, min(rank, s.numel())) for name, (_, s, _) in svds.items()}
+    bad = {n: e for n, e in errors.items() if e > tolerance}
+    if bad:
+        name, err = max(bad.items(), key=lambda kv: kv[1])
+        raise ABConfigError(f"save_lora_adapter: rank {rank} holds the change of {name} only "
+                            f"to a relative error of {err:.2e} (> tolerance {tolerance:g}). "
+                            f"Raise rank (or leave it None to take the smallest that fits).")
+    peft_model = get_peft_model(copy.deepcopy(base_model), LoraConfig(
+        r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none", init_lora_weights=False,
+        target_modules=list(layers), fan_in_fan_out=any(
+            is_transformers_conv1d(base_model.get_submodule(n)) for n in layers)))
+    with torch.no_grad():
+        for name, (u, s, vh) in svds.items():
+            k = min(rank, s.numel())
+            root = s[:k].sqrt()
+            b = torch.zeros(u.shape[0], rank, dtype=torch.float64)
+            a = torch.zeros(rank, vh.shape[1], dtype=torch.float64)
+            b[:, :k] = u[:, :k] * root
+            a[:k] = root[:, None] * vh[:k]
+            lora = peft_model.base_model.model.get_submodule(name)
+            lora.lora_A["default"].weight.copy_(a)
+            lora.lora_B["default"].weight.copy_(b)
+    peft_model.save_pretrained(path)
+    return errors

@@ -92,8 +92,10 @@ def factorize(layers: list[ABLayer], config: ABConfig, comm: Communicator,
         for layer, rank in zip(layers, agreed, strict=True):
             layer.factorize(rank)
     if not comm.agree([digest(layers)], world, ranks, TrafficLabel.SYNC):
-        # Mixed hardware gave different SVDs: take rank 0's factors.
-        comm.broadcast_([t for layer in layers for t in (layer.A.data, layer.B.data)],
+        # Mixed hardware gave different SVDs: take rank 0's factors (and its frozen residuals,
+        # which follow from them: the one case a residual is ever sent).
+        comm.broadcast_([t for layer in layers for t in (layer.A.data, layer.B.data)]
+                        + [layer.residual for layer in layers if layer.residual is not None],
                         src=groups.global_rank(0), group=world, ranks=ranks,
                         phase=TrafficLabel.SYNC)
     return svd_seconds
@@ -107,7 +109,9 @@ def digest(layers: list[ABLayer]) -> float:
     SVD gave the same factors."""
     crc = 0
     for layer in layers:
-        for t in (layer.A, layer.B):
+        for t in (layer.A, layer.B, layer.residual):
+            if t is None:
+                continue
             data = t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
             crc = zlib.crc32(data, crc)
     return float(crc)

@@ -39,23 +39,16 @@ from transformers import LlamaForCausalLM, Trainer, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
-if __package__ in (None, ""):  # run as a script by torchrun: the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ab_accel import ABConfig  # noqa: E402
-from ab_accel.comm import wire_factor  # noqa: E402
-from ab_accel.ddp import DDPTraffic  # noqa: E402
-from ab_accel.model import ab_layers  # noqa: E402
-from ab_accel.trainer import ABTrainer  # noqa: E402
-from benchmarks.finetune import (  # noqa: E402
-    TARGET_MODULES,
-    Method,
-    Settings,
-    ab_schedules,
-    finetune_datasets,
-    training_arguments,
-)
-from benchmarks.meters import CollectiveCounter, max_rss_mb, state_bytes  # noqa: E402
+from ab_accel import ABConfig
+from ab_accel.comm import wire_factor
+from ab_accel.ddp import DDPTraffic
+from ab_accel.model import ab_layers
+from ab_accel.trainer import ABTrainer
+from benchmarks.finetune_corpus import finetune_datasets
+from benchmarks.finetune_pretrain import training_arguments
+from benchmarks.finetune_runs import ab_schedules
+from benchmarks.finetune_settings import TARGET_MODULES, Method, Settings
+from benchmarks.meters import CollectiveCounter, max_rss_mb, state_bytes
 
 
 def projector_tensors(optimizer: Any) -> list[torch.Tensor]:
@@ -99,7 +92,10 @@ class Measure(TrainerCallback):
 
     def _sample(self) -> None:
         tr = self.trainer
-        now = state_bytes(tr.model, tr.optimizer, projector_tensors(tr.optimizer))
+        # the frozen residuals of ab-residual count as LoRA's frozen base does (a parameter)
+        residuals = [layer.residual for _, layer in ab_layers(tr.model)
+                     if layer.residual is not None]
+        now = state_bytes(tr.model, tr.optimizer, projector_tensors(tr.optimizer) + residuals)
         self.peak_state = max(self.peak_state, now)
         self.peak_state_by_phase[self._phase] = max(now, self.peak_state_by_phase.get(
             self._phase, 0))
@@ -136,13 +132,15 @@ def build_trainer(method: Method, s: Settings, seed: int, model_path: str, work_
     kwargs: dict[str, Any] = dict(train_dataset=train, callbacks=[measure])
     if method.is_ab:
         cfg = ABConfig(**ab_schedules(s)[str(method)])
-        trainer = ABTrainer(model=model, args=training_arguments(out_dir, **common),
-                            ab_config=cfg, **kwargs)
-    elif method == Method.LORA:
+        args = training_arguments(out_dir, **{**common, "learning_rate": method.lr(s)})
+        trainer = ABTrainer(model=model, args=args, ab_config=cfg, **kwargs)
+    elif method.is_adapter:
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0, bias="none",
-                          target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
+        pissa = method in (Method.PISSA, Method.PISSA_HALF)
+        lora = LoraConfig(r=method.rank(s), lora_alpha=method.alpha(s), lora_dropout=0.0,
+                          bias="none", target_modules=TARGET_MODULES, task_type="CAUSAL_LM",
+                          init_lora_weights="pissa" if pissa else True)
         args = training_arguments(out_dir, **{**common, "learning_rate": s.lora_lr})
         trainer = Trainer(model=get_peft_model(model, lora), args=args, **kwargs)
     elif method == Method.GALORE:
@@ -188,6 +186,11 @@ def _ab_record(trainer: ABTrainer, measure: Measure) -> dict[str, Any]:
     }
 
 
+def _residual_bytes(model: Any) -> int:
+    return sum(layer.residual.numel() * layer.residual.element_size()
+               for _, layer in ab_layers(model) if layer.residual is not None)
+
+
 def run_one(method: Method, s: Settings, seed: int, spec: dict[str, Any],
             counter: CollectiveCounter) -> dict[str, Any]:
     """Fine-tune with ``method`` from ``seed``; this rank's numbers."""
@@ -218,6 +221,7 @@ def run_one(method: Method, s: Settings, seed: int, spec: dict[str, Any],
     }
     if isinstance(trainer, ABTrainer):
         rec.update(_ab_record(trainer, measure))
+        rec["residual_bytes"] = _residual_bytes(trainer.model)
     else:
         rec.update({
             "bytes": measure.buckets.grad_bytes,

@@ -8,12 +8,13 @@
 #          at 2..64 nodes; plots and tables; BENCHMARKS.md's generated tables.
 #   quick: the same methods and models, 1 seed x 150 steps.
 #
-#   fine-tuning (benchmarks/finetune.py): full fine-tuning, AB (paper defaults and the
-#          fine-tuning options), LoRA and GaLore on a pretrained byte-level LM; full: 3 seeds,
-#          quick: --quick (1 seed, a smaller model, a few minutes).
+#   fine-tuning (python -m benchmarks.finetune): full fine-tuning, AB (paper defaults, the
+#          fine-tuning options, the frozen residual), LoRA, PiSSA and GaLore on a pretrained
+#          byte-level LM; full: 3 seeds, and the 7.87M model (--large, 2 seeds); quick: --quick
+#          (1 seed, a smaller model, a few minutes).
 #
 # Results: benchmarks/results/{,quick_}<model>_{local,netns}.json, {,quick_}projection.json,
-# finetune{,_quick}.json, *_acc_vs_*.png, *_table.md. The rate-limited part needs root and
+# finetune{,_quick,_large}.json, *_acc_vs_*.png, *_table.md. The rate-limited part needs root and
 # iproute2; without them it is skipped with a
 # message (the JSON says why). The namespaces are removed on exit, whatever happens.
 set -euo pipefail
@@ -76,8 +77,10 @@ $PY benchmarks/plot.py "$RESULTS/${PREFIX}"*_local.json "$RESULTS/${PREFIX}"*_ne
 echo "== BENCHMARKS.md's generated tables and targets"
 $PY benchmarks/report.py --prefix "$PREFIX"
 
-echo "== fine-tuning: AB vs full fine-tuning, LoRA and GaLore (load $(cut -d' ' -f1-3 /proc/loadavg))"
+echo "== fine-tuning: AB (with the frozen residual) vs full fine-tuning, LoRA, PiSSA and GaLore (load $(cut -d' ' -f1-3 /proc/loadavg))"
 if [ "$MODE" = full ]; then FINETUNE_ARGS=(); else FINETUNE_ARGS=(--quick); fi
-$PY benchmarks/finetune.py "${FINETUNE_ARGS[@]}"
+$PY -m benchmarks.finetune "${FINETUNE_ARGS[@]}"
+if [ "$MODE" = full ]; then $PY -m benchmarks.finetune --large --seeds "[0,1]" --steps 100 \
+    --methods "[ab-residual,ab-residual-2lr,lora-half,pissa-half,lora]"; fi
 
 echo "== done in $((SECONDS - start)) s; load after: $(cut -d' ' -f1-3 /proc/loadavg)"

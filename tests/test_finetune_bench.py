@@ -79,7 +79,7 @@ def test_quick_preset_then_the_command_line() -> None:
 def quick(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("finetune")
     out = tmp / "finetune_quick.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--quick",
+    cmd = [sys.executable, "-m", "benchmarks.finetune", "--quick",
            "--cache_dir", str(tmp / "cache"), "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -155,8 +155,9 @@ def test_quick_run_counts_bytes_and_memory_exactly(quick: dict) -> None:
     assert ranks == [QUICK["ab_fixed_rank"]] * len(ranks)
 
 
-def test_benchmarks_md_table_is_the_generated_one() -> None:
-    path = RESULTS / "finetune.json"
+@pytest.mark.parametrize("name", ["finetune.json", "finetune_large.json", "finetune_v1.json"])
+def test_benchmarks_md_table_is_the_generated_one(name: str) -> None:
+    path = RESULTS / name
     if not path.exists():
         pytest.skip("no full fine-tuning results committed yet")
     text = (ROOT / "BENCHMARKS.md").read_text()
@@ -169,7 +170,7 @@ def test_benchmarks_md_table_is_the_generated_one() -> None:
 def test_full_benchmark_runs(tmp_path: Path) -> None:
     """The full run (3 seeds, every method): about 40 minutes on 2 cores; `make bench`."""
     out = tmp_path / "finetune.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--out",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.finetune", "--out",
                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=7000)
     assert proc.returncode == 0, proc.stderr[-6000:]
     res = json.loads(out.read_text())
