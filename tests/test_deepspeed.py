@@ -274,3 +274,40 @@ def test_accelerate_launch_use_deepspeed_picks_the_key_up(tmp_path):
         assert r["engine_optimizer_is_ab"] and r["gas"] == 1
         assert {k: r["config"][k] for k in KEY} == KEY
     _check_two_groups(recs)
+
+
+def test_residual_and_freeze_untargeted_through_accelerate_launch_use_deepspeed(tmp_path):
+    """The fine-tuning settings (``residual``, ``freeze_untargeted``) from the JSON's key, run by
+    Accelerate's DeepSpeed engine: the roles, group-local AB steps and the sync as without them;
+    every parameter outside the AB layers frozen and never changed; after the last
+    factorization each AB layer holds a residual W - A B, the same on both ranks."""
+    config = _config_copy(tmp_path, "ds_ab_zero0.json")
+    with open(config) as fh:
+        cfg = json.load(fh)
+    cfg["ab_training"].update(residual=True, freeze_untargeted=True)
+    with open(config, "w") as fh:
+        json.dump(cfg, fh)
+    out = str(tmp_path)
+    recs = _launch([os.path.join(BIN, "accelerate"), "launch", "--config_file",
+                    os.path.join(REPO, "configs", "accelerate_deepspeed.yaml"), "--use_deepspeed",
+                    "--deepspeed_config_file", config, "--num_processes", "2",
+                    "--num_machines", "1", "--main_process_port", str(free_port()),
+                    os.path.join(SCRIPTS, "train_ds.py"), "--accelerate", "--out", out],
+                   out, 2)
+    _check_two_groups(recs)
+    a, b = recs
+    for r in recs:
+        assert r["config"]["residual"] and r["config"]["freeze_untargeted"]
+        # the stem and the head, and the AB layers' biases: frozen, and never moved
+        assert {"0.weight", "0.bias", "9.weight", "9.bias", "5.bias"} <= set(r["frozen"])
+        untargeted = [n for n in r["frozen"] if not n.endswith((".A", ".B"))]  # not the role's
+        assert len(untargeted) == 7  # 0.*, 9.*, and the biases of 2, 5, 7
+        first = r["steps"][0]["params"]
+        for step in r["steps"]:
+            for name in untargeted:
+                assert torch.equal(step["params"][name], first[name]), name
+    assert set(a["residuals"]) == {"2", "5", "7"}  # every AB layer, after the factorization
+    for name, res in a["residuals"].items():
+        assert res.abs().sum() > 0, name  # rank_cutoff 0.5 truncates: the tail is kept
+        assert torch.equal(res, b["residuals"][name]), name  # identical on every rank
+

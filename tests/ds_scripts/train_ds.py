@@ -51,6 +51,7 @@ def run_accelerate() -> dict:
 
     import ab_accel
     from ab_accel.accelerate import ab_optimizer
+    from ab_accel.model import ab_layers
 
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     torch.manual_seed(0)
@@ -75,6 +76,10 @@ def run_accelerate() -> dict:
     rec["step_count"], rec["traffic"] = ab.step_count, ab.traffic.summary()
     rec["config"] = ab.config.to_dict()
     rec["engine_optimizer_is_ab"] = model.optimizer is ab
+    raw = accelerator.unwrap_model(model)
+    rec["frozen"] = sorted(n for n, p in raw.named_parameters() if not p.requires_grad)
+    rec["residuals"] = {n: layer.residual.clone() for n, layer in ab_layers(raw)
+                        if layer.residual is not None}
     return rec
 
 
