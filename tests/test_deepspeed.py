@@ -256,6 +256,17 @@ def test_deepspeed_launcher_reads_the_key_from_args_deepspeed_config(tmp_path):
     _check_two_groups(recs)
 
 
+def _accelerate_use_deepspeed(config: str, out: str) -> list[dict]:
+    """tests/ds_scripts/train_ds.py --accelerate on 2 processes under `accelerate launch
+    --use_deepspeed --deepspeed_config_file <config>`."""
+    return _launch([os.path.join(BIN, "accelerate"), "launch", "--config_file",
+                    os.path.join(REPO, "configs", "accelerate_deepspeed.yaml"), "--use_deepspeed",
+                    "--deepspeed_config_file", config, "--num_processes", "2",
+                    "--num_machines", "1", "--main_process_port", str(free_port()),
+                    os.path.join(SCRIPTS, "train_ds.py"), "--accelerate", "--out", out],
+                   out, 2)
+
+
 def test_accelerate_launch_use_deepspeed_picks_the_key_up(tmp_path):
     """`accelerate launch --use_deepspeed --deepspeed_config_file configs/ds_ab_zero0.json`
     (with configs/accelerate_deepspeed.yaml): Accelerate fills the "auto" values,
@@ -263,12 +274,7 @@ def test_accelerate_launch_use_deepspeed_picks_the_key_up(tmp_path):
     ab_accel.deepspeed.attach."""
     config = _config_copy(tmp_path, "ds_ab_zero0.json")
     out = str(tmp_path)
-    recs = _launch([os.path.join(BIN, "accelerate"), "launch", "--config_file",
-                    os.path.join(REPO, "configs", "accelerate_deepspeed.yaml"), "--use_deepspeed",
-                    "--deepspeed_config_file", config, "--num_processes", "2",
-                    "--num_machines", "1", "--main_process_port", str(free_port()),
-                    os.path.join(SCRIPTS, "train_ds.py"), "--accelerate", "--out", out],
-                   out, 2)
+    recs = _accelerate_use_deepspeed(config, out)
     for r in recs:
         assert r["distributed_type"] == "DistributedType.DEEPSPEED"
         assert r["engine_optimizer_is_ab"] and r["gas"] == 1
@@ -288,12 +294,7 @@ def test_residual_and_freeze_untargeted_through_accelerate_launch_use_deepspeed(
     with open(config, "w") as fh:
         json.dump(cfg, fh)
     out = str(tmp_path)
-    recs = _launch([os.path.join(BIN, "accelerate"), "launch", "--config_file",
-                    os.path.join(REPO, "configs", "accelerate_deepspeed.yaml"), "--use_deepspeed",
-                    "--deepspeed_config_file", config, "--num_processes", "2",
-                    "--num_machines", "1", "--main_process_port", str(free_port()),
-                    os.path.join(SCRIPTS, "train_ds.py"), "--accelerate", "--out", out],
-                   out, 2)
+    recs = _accelerate_use_deepspeed(config, out)
     _check_two_groups(recs)
     a, b = recs
     for r in recs:
