@@ -139,7 +139,7 @@ def convert(model: nn.Module, config: ABConfig | dict[str, Any] | None = None) -
     Converting twice is a no-op for layers that are already AB layers.
 
     ``config.residual`` makes every AB layer keep W_res = W - A B at its factorizations (see
-    :mod:`ab_accel.layers`); ``config.freeze_untargeted`` sets ``requires_grad=False`` on every
+    :mod:`ab_accel.layer_base`); ``config.freeze_untargeted`` sets ``requires_grad=False`` on every
     parameter that is not an AB layer's weight or factor (biases of the AB layers included), as
     peft does, so the ABOptimizer, which reduces and syncs trainable parameters only, never
     sends them.
