@@ -167,7 +167,8 @@ def _end_launch(code: int) -> None:
 
 def run_main(name: str, fn: Callable[[], Any]) -> None:
     """Run ``fn``: a refused setup is one line from rank 0 and exit status 2, Ctrl-C one line
-    and 130, on every rank of the launch; any other error keeps its traceback."""
+    and 130, on every rank of the launch; any other error keeps its traceback. Only rank 0
+    writes to standard output."""
     interrupted = []
 
     def on_sigint(signum: int, frame: Any) -> None:
@@ -175,6 +176,13 @@ def run_main(name: str, fn: Callable[[], Any]) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_sigint)
+    if not is_main():
+        # Only rank 0 prints. Libraries that print instead of logging (DeepSpeed's
+        # "deepspeed_shm_comm_op built successfully" when its communication backend starts, in
+        # Accelerator() or TrainingArguments) would print once per rank: the other ranks'
+        # standard output goes nowhere, for the life of the process (errors and tracebacks are
+        # on stderr).
+        sys.stdout = open(os.devnull, "w")
     try:
         fn()
     except (ConfigError, ABConfigError) as exc:
