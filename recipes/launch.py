@@ -17,8 +17,9 @@ Nothing here is AB-specific; it is what `accelerate launch` and `torchrun` leave
   a switch for it. So the local rank 0 of a refused run ends the launcher that started it and
   its sibling ranks with SIGKILL (they would only print those tracebacks, or "Connection closed
   by peer" from a collective) after rank 0 printed the reason; the launch's exit status is then
-  137 (killed), the run's own is 2. Ctrl-C ends the same way with "interrupted at step N". A real
-  crash (any other exception) keeps its traceback and the launcher's report.
+  137 (killed), the run's own is 2. Ctrl-C ends the same way with "interrupted at step N",
+  said by whichever rank handles it first (a rank blocked in a collective never would). A
+  real crash (any other exception) keeps its traceback and the launcher's report.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ab_accel import ABConfigError
+from ab_accel import ABConfigError, latest_checkpoint
 from ab_accel.cli import CommandLineError as ConfigError
 
 # bitsandbytes (a transformers extra) warns at import, on CPU, that its optional kernels package is
@@ -41,8 +43,10 @@ from ab_accel.cli import CommandLineError as ConfigError
 # reset its loggers' levels, so this holds from the start of every process.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-# Where a run stands, for the line printed when it is interrupted (the loop updates it).
-PROGRESS: dict[str, Any] = {"step": 0, "checkpoint": None}
+# Where a run stands, for the line printed when it is interrupted (the loop updates the step;
+# "checkpoints" is the folder its checkpoints go to, read at that moment: a save that Ctrl-C
+# cut short is passed over, the newest complete one named).
+PROGRESS: dict[str, Any] = {"step": 0, "checkpoints": None}
 _SIZES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _LAUNCHERS = ("accelerate", "torchrun", "torch.distributed.run", "torch.distributed.launch")
 
@@ -141,13 +145,44 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore")  # one copy of each Python warning: rank 0's
 
 
-def _end_launch(code: int) -> None:
+def _launched() -> bool:
+    """Whether this process was started by a launcher that reports a non-zero child with a
+    traceback (accelerate launch, torchrun)."""
+    return any(n in " ".join(parent_command()[:3]) for n in _LAUNCHERS)
+
+
+def _first_to_stop() -> bool:
+    """True in the first process of this machine's launch to call it (an exclusive file named
+    after the launcher's pid and start time, so a later launcher with the same pid has its own).
+
+    Ctrl-C reaches every rank, but a rank blocked inside a collective (gloo's C++ side) handles
+    it only when the collective returns, which it never does once a peer stopped: so the rank
+    that handles it FIRST, whichever it is, says the one line and ends the others."""
+    if not _launched():
+        return True
+    try:
+        import psutil
+
+        started = psutil.Process(os.getppid()).create_time()
+    except Exception:  # noqa: BLE001  (psutil missing or the launcher gone: one rank decides)
+        return int(os.environ.get("LOCAL_RANK", "0")) == 0
+    path = os.path.join(tempfile.gettempdir(), f"recipes_stop_{os.getppid()}_{started:.0f}")
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _end_launch(code: int, ender: bool | None = None) -> None:
     """End the launcher that started this process and its other ranks, then this process.
 
     Only where the parent is a launcher that would print a traceback for a non-zero child
-    (accelerate launch, torchrun); only the local rank 0 does it (one per machine)."""
-    cmd = " ".join(parent_command()[:3])
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and any(n in cmd for n in _LAUNCHERS):
+    (accelerate launch, torchrun); only the ``ender`` does it (default: the local rank 0, one
+    per machine); the others wait to be ended."""
+    if ender is None:
+        ender = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if _launched() and ender:
         try:
             import psutil
 
@@ -158,8 +193,8 @@ def _end_launch(code: int) -> None:
                 p.kill()
         except Exception:  # noqa: BLE001  (psutil missing or a process gone: exit anyway)
             pass
-    elif any(n in cmd for n in _LAUNCHERS):
-        time.sleep(30)  # the local rank 0 ends this process; if it cannot, exit after all
+    elif _launched():
+        time.sleep(30)  # the ender ends this process; if it cannot, exit after all
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -192,10 +227,11 @@ def run_main(name: str, fn: Callable[[], Any]) -> None:
     except BaseException as exc:  # noqa: BLE001
         if not interrupted and not isinstance(exc, KeyboardInterrupt):
             raise
-        if is_main():
-            ckpt = PROGRESS["checkpoint"]
+        first = _first_to_stop()
+        if first:
+            ckpt = PROGRESS["checkpoints"] and latest_checkpoint(PROGRESS["checkpoints"])
             print(f"{name}: interrupted at step {PROGRESS['step']}; " + (
                 f"last checkpoint {ckpt} (--resume_from_checkpoint {ckpt})" if ckpt else
                 "no checkpoint written (--checkpointing_steps N writes them)"),
                 file=sys.stderr, flush=True)
-        _end_launch(130)
+        _end_launch(130, ender=first)

@@ -212,6 +212,8 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
     progress = tqdm(total=total_steps, initial=record.step, desc=recipe.name, dynamic_ncols=True,
                     disable=None if accelerator.is_main_process else True)  # None: a TTY only
     t0 = time.time()
+    launch.PROGRESS.update(step=record.step,
+                           checkpoints=os.path.join(args.output_dir, "checkpoints"))
     model.train()
     with logging_redirect_tqdm():  # log lines print above the progress bar, not into it
         while record.step < total_steps:
@@ -253,7 +255,7 @@ def train(recipe: Recipe, argv: Sequence[str]) -> dict[str, Any]:
                         progress.set_postfix(loss=f"{logged['loss']:.3f}", phase=logged["phase"])
                 if save:
                     record.elapsed, t0 = record.elapsed + time.time() - t0, time.time()
-                    launch.PROGRESS["checkpoint"] = save_state(accelerator, os.path.join(
+                    save_state(accelerator, os.path.join(
                         args.output_dir, "checkpoints", f"step_{record.step}"), meta=knobs)
                 if record.step >= total_steps:
                     break

@@ -219,7 +219,9 @@ def test_ctrl_c_ends_every_process_with_one_line(trees, tmp_path):
                             stderr=subprocess.STDOUT, start_new_session=True)
     checkpoints = tmp_path / "runs" / "vit_pets" / "checkpoints"
     deadline = time.time() + 300
-    while not (checkpoints.exists() and any(checkpoints.glob("step_*"))):
+    # a complete checkpoint (a save still under way is step_N.tmp)
+    while not (checkpoints.exists() and any(not p.name.endswith(".tmp")
+                                            for p in checkpoints.glob("step_*"))):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
         time.sleep(1)
     os.killpg(proc.pid, signal.SIGINT)
