@@ -336,6 +336,18 @@ def _register(accelerator: Any, model: nn.Module, prepared_opt: Any, ab: ABOptim
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def started_one_of_several(environ: Any = None) -> bool:
+    """Whether Accelerate's simple launcher started this ONE process where several were asked
+    for: it sets MASTER_PORT for them but no WORLD_SIZE (a real multi-process launcher sets
+    WORLD_SIZE, mpirun its own size variable)."""
+    env = os.environ if environ is None else environ
+    return ("ACCELERATE_USE_CPU" in env and "MASTER_PORT" in env
+            and not any(v in env for v in _SIZE_VARIABLES))
+
+
 def check_launch(environ: Any = None) -> None:
     """Refuse a launch that started ONE process where several were asked for: Accelerate's
     simple launcher (``accelerate launch --cpu --num_processes N``, or ``--num_processes N``
@@ -344,8 +356,7 @@ def check_launch(environ: Any = None) -> None:
     size variable). :func:`prepare` calls it; a script may call it first thing, before any work.
     (The recipes run a richer check first that prints the exact command: recipes/launch.py.)"""
     env = os.environ if environ is None else environ
-    sizes = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-    if "ACCELERATE_USE_CPU" in env and "MASTER_PORT" in env and not any(v in env for v in sizes):
+    if started_one_of_several(env):
         why = ("--cpu makes accelerate launch use its simple launcher"
                if env["ACCELERATE_USE_CPU"].lower() in ("true", "1") else
                "without --multi_gpu (or a --config_file that sets it) accelerate launch uses "
@@ -370,4 +381,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["prepare", "ab_optimizer", "ABOptimizerView", "CHECKPOINT_DIR", "check_launch",
-           "save_merged", "shards_dir"]
+           "started_one_of_several", "save_merged", "shards_dir"]

@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ab_accel import ABConfigError, latest_checkpoint
+from ab_accel.accelerate import started_one_of_several
 from ab_accel.cli import CommandLineError as ConfigError
 
 # bitsandbytes (a transformers extra) warns at import, on CPU, that its optional kernels package is
@@ -47,7 +48,6 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 # "checkpoints" is the folder its checkpoints go to, read at that moment: a save that Ctrl-C
 # cut short is passed over, the newest complete one named).
 PROGRESS: dict[str, Any] = {"step": 0, "checkpoints": None}
-_SIZES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _LAUNCHERS = ("accelerate", "torchrun", "torch.distributed.run", "torch.distributed.launch")
 
 
@@ -74,8 +74,7 @@ def check_launch(environ: Mapping[str, str] | None = None,
     """Refuse a launch that started ONE process where several were asked for, naming the
     command that starts them. ``launcher``: the launching command (None: the parent's)."""
     env = os.environ if environ is None else environ
-    if "MASTER_PORT" not in env or any(v in env for v in _SIZES) or "ACCELERATE_USE_CPU" \
-            not in env:
+    if not started_one_of_several(env):
         return  # a plain process, or a real multi-process launch
     cmd = parent_command() if launcher is None else launcher
     asked = next((cmd[i + 1] for i, a in enumerate(cmd[:-1]) if a == "--num_processes"),
