@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 def state_dict(opt: ABOptimizer) -> dict[str, Any]:
     """:meth:`ABOptimizer.state_dict`."""
     return {
-        "optimizer": opt.optimizer.state_dict(),
+        # under ZeRO, DeepSpeed's own checkpoint files hold the (partitioned) optimizer state
+        "optimizer": None if opt.external is not None else opt.optimizer.state_dict(),
         "ab": {
             "step": opt._step,
             "ranks": opt.ranks,
@@ -47,7 +48,8 @@ def load_state_dict(opt: ABOptimizer, state_dict: dict[str, Any]) -> None:
         opt._step = int(ab["step"])
         opt.traffic.load_state_dict(ab["traffic"])
         _load_counters(opt, ab)
-        opt.optimizer.load_state_dict(state_dict["optimizer"])
+        if state_dict["optimizer"] is not None:
+            opt.optimizer.load_state_dict(state_dict["optimizer"])
         return
     same_model = not ab.get("groups_differ", True)
     if (opt.groups is not None and ab["world_size"] != opt.world_size
@@ -70,7 +72,14 @@ def load_state_dict(opt: ABOptimizer, state_dict: dict[str, Any]) -> None:
     _load_counters(opt, ab)
     opt._refresh()
     opt._apply_roles()
-    opt.optimizer.load_state_dict(state_dict["optimizer"])
+    if state_dict["optimizer"] is not None:
+        if opt.external is not None:
+            raise ValueError("This checkpoint holds a stage-0 optimizer state and the engine runs "
+                             "ZeRO: resume with the ZeRO stage the checkpoint was written with.")
+        opt.optimizer.load_state_dict(state_dict["optimizer"])
+    elif opt.external is None:
+        raise ValueError("This checkpoint was written under DeepSpeed ZeRO (its optimizer state "
+                         "is in DeepSpeed's ZeRO files): resume it with the same ZeRO stage.")
     opt._reduced = False
 
 
@@ -106,6 +115,11 @@ def report(opt: ABOptimizer) -> dict[str, Any]:
             else 1.0},
         "skipped_steps": opt.skipped_steps,
         "traffic": opt.traffic.summary(),
+        **({"zero": {"rebuilds": opt.external.rebuilds,
+                     "rebuild_seconds": round(opt.external.rebuild_seconds, 4),
+                     "what": "DeepSpeed's ZeRO optimizer rebuilt over each phase's scope, "
+                             "wall seconds on this rank (reading and writing the fp32 state "
+                             "included)"}} if opt.external is not None else {}),
     }
 
 

@@ -38,7 +38,9 @@ def wire_factor(op: str, group_size: int) -> float:
         return 0.0
     if op == "all_reduce":
         return 2.0 * (g - 1) / g
-    if op == "broadcast":
+    if op in ("broadcast", "reduce", "reduce_scatter", "all_to_all"):
+        # a ring broadcast or reduce (to one root), a reduce-scatter, an all-to-all: each rank
+        # sends (g-1)/g of its payload
         return (g - 1) / g
     if op == "all_gather":
         return float(g - 1)

@@ -12,6 +12,8 @@ objects, with the :class:`~ab_accel.ABOptimizer` as ``optimizer``. With ``"ab_tr
 and enabled it converts the model (:func:`ab_accel.convert`), wraps the optimizer, and
 :func:`attach` es the optimizer to the engine:
 
+At ZeRO stage 0:
+
 * the engine's gradient all-reduce (``engine.allreduce_gradients``, run by ``engine.backward`` at
   a gradient accumulation boundary) becomes the AB reduction: over the world in warm-up and
   rebound, inside the own group in an AB phase (A-groups train A, B-groups train B). Micro-steps
@@ -27,13 +29,18 @@ and enabled it converts the model (:func:`ab_accel.convert`), wraps the optimize
 
 Without the key (or with ``"enabled": false``) :func:`initialize` is plain ``deepspeed.initialize``.
 
-What is refused, before any step (see :func:`check_config`): ZeRO stages >= 1 (they shard the
-optimizer state, gradients or parameters over the whole world, while the groups hold different,
-shape-changing factors), DeepSpeed's ``fp16`` / ``bf16`` optimizers (they flatten the parameters
-into fixed buffers), ``torch_autocast`` with float16 (its loss scaler skips steps per group, so the
-groups' step counters would drift apart), and settings of DeepSpeed's own all-reduce that the AB
-reduction would silently ignore. Mixed precision works through ``"torch_autocast": {"enabled":
-true, "dtype": "bfloat16"}`` (fp32 weights and gradients, bf16 compute).
+ZeRO stage 1 and 2 (with or without ``"offload_optimizer"``) and ``"bf16"`` run too: DeepSpeed's
+ZeRO optimizer keeps reducing, clipping and stepping, partitioned over the step's scope (the
+world in warm-up and rebound, the own group in an AB phase) and rebuilt at every switch; see
+:mod:`ab_accel.zero`.
+
+What is refused, before any step (see :func:`check_config`): ZeRO stage 3 (it partitions the
+parameters over the whole world, while the groups hold different, shape-changing factors),
+``fp16`` and float16 ``torch_autocast`` (a loss scaler), ``"bf16"`` at stage 0 (DeepSpeed's
+stage-0 bf16 optimizer flattens the parameters into fixed buffers), ``torch_autocast`` with
+ZeRO, and, at stage 0, settings of DeepSpeed's own all-reduce that the AB reduction would
+silently ignore. Mixed precision: ``"bf16"`` with ZeRO 1/2, or ``"torch_autocast": {"enabled":
+true, "dtype": "bfloat16"}`` at stage 0 (fp32 weights and gradients, bf16 compute).
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from torch import nn
 from .checkpoint import SHARDS_DIR
 from .config import ABConfigError, resolve_config
 from .ds_config import check_config, load_ds_config, read_config
-from .engine import attach, check_engine
+from .engine import attach, check_engine, is_zero
 from .model import convert
 from .optimizer import ABOptimizer
 
@@ -115,9 +122,11 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, config=ds, **ds_kwargs)
     check_engine(engine)
+    # Under ZeRO the engine's optimizer is DeepSpeed's; the torch optimizer inside it is wrapped.
+    torch_optimizer = engine.basic_optimizer if is_zero(engine) else engine.optimizer
     if ab is None:
-        ab = ABOptimizer(engine.optimizer, None, cfg)
-    elif engine.optimizer is not ab.optimizer:
+        ab = ABOptimizer(torch_optimizer, None, cfg)
+    elif torch_optimizer is not ab.optimizer:
         raise RuntimeError("DeepSpeed replaced the optimizer; cannot attach AB-training.")
     attach(engine, ab)
     return engine, ab, dataloader, scheduler

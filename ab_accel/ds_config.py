@@ -69,10 +69,14 @@ def check_config(ds_config: Mapping[str, Any] | str | os.PathLike) -> None:
 
     Always checked: ``"ab_training"`` sits at the top level (DeepSpeed's own blocks reject
     unknown keys) and holds only ABConfig fields (a DeepSpeed setting put inside it gets a
-    message that says where it belongs). When the key is present and enabled, also: ZeRO stage 0,
-    no ``fp16`` / ``bf16`` optimizer, no float16 ``torch_autocast``, no optimizer type that tags
-    parameters at construction, and no setting of DeepSpeed's own gradient all-reduce (which the
-    AB reduction replaces). Raises :class:`~ab_accel.ABConfigError`; returns None when fine.
+    message that says where it belongs). When the key is present and enabled, also: ZeRO stage
+    0, 1 or 2 (not 3); no ``fp16`` (a loss scaler) and no float16 ``torch_autocast``; ``bf16``
+    only with ZeRO 1 or 2 (at stage 0 DeepSpeed's bf16 optimizer flattens the parameters);
+    ``torch_autocast`` only at stage 0; no optimizer type that tags parameters at construction;
+    and, at stage 0, no setting of DeepSpeed's own gradient all-reduce (which the AB reduction
+    replaces; under ZeRO ``communication_data_type`` is DeepSpeed's and stays). ``"auto"``
+    values are checked on the engine built from them. Raises
+    :class:`~ab_accel.ABConfigError`; returns None when fine.
     """
     ds = load_ds_config(ds_config)
     block = ds.get(DEEPSPEED_KEY)
@@ -117,20 +121,18 @@ def _incompatible_settings(ds: Mapping[str, Any]) -> list[str]:
         stage_num = int(stage)
     except (TypeError, ValueError):
         stage_num = -1
-    if stage_num != 0:
+    zero_1_2 = stage_num in (1, 2)
+    if stage_num not in (0, 1, 2):
         problems.append(support.problem(
-            "zero", f'"zero_optimization": {{"stage": {stage!r}}} (ZeRO stages >= 1 shard)', ds_))
-    for key in ("fp16", "bf16", "bfloat16"):
-        enabled = _switch(ds.get(key))
-        if enabled == "auto":
+            "zero", f'"zero_optimization": {{"stage": {stage!r}}}', ds_))
+    # "auto" (filled in later by Accelerate or the Trainer from their own flags) is checked on
+    # the engine they build (ab_accel.engine.check_engine), before the first step.
+    if _switch(ds.get("fp16")) is True:
+        problems.append(support.problem("fp16", '"fp16": {"enabled": true} (a loss scaler)', ds_))
+    for key in ("bf16", "bfloat16"):
+        if _switch(ds.get(key)) is True and not zero_1_2:
             problems.append(support.problem(
-                "flat_optimizer", f'"{key}": {{"enabled": "auto"}} (Accelerate or the Trainer '
-                f"may turn DeepSpeed's {key} optimizer on from their own flags: write false)",
-                ds_))
-        elif enabled:
-            problems.append(support.problem(
-                "flat_optimizer", f'"{key}": {{"enabled": true}} (DeepSpeed\'s {key} optimizer)',
-                ds_))
+                "flat_optimizer", f'"{key}": {{"enabled": true}} at ZeRO stage {stage!r}', ds_))
     autocast = ds.get("torch_autocast")
     if _switch(autocast):
         dtype = str(autocast.get("dtype", "bfloat16")).lower().replace("torch.", "")
@@ -138,6 +140,9 @@ def _incompatible_settings(ds: Mapping[str, Any]) -> list[str]:
             problems.append(support.problem(
                 "fp16", f'"torch_autocast": {{"dtype": "{autocast.get("dtype")}"}} (float16 '
                 f"autocast runs a loss scaler)", ds_))
+        elif zero_1_2:
+            problems.append(support.problem(
+                "autocast_zero", f'"torch_autocast" with ZeRO stage {stage_num}', ds_))
     optimizer = ds.get("optimizer")
     if isinstance(optimizer, Mapping):
         kind = str(optimizer.get("type", "")).lower()
@@ -145,7 +150,7 @@ def _incompatible_settings(ds: Mapping[str, Any]) -> list[str]:
             problems.append(support.problem(
                 "tagging_optimizer", f'"optimizer": {{"type": "{optimizer.get("type")}"}}', ds_))
     touched = []
-    if ds.get("communication_data_type") is not None:
+    if ds.get("communication_data_type") is not None and not zero_1_2:
         touched.append(f'"communication_data_type": {ds["communication_data_type"]!r}')
     if ds.get("prescale_gradients") is True:
         touched.append('"prescale_gradients": true')

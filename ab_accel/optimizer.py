@@ -54,7 +54,7 @@ from . import switches as _switches
 from .comm import Communicator, TrafficMeter
 from .config import ABConfig
 from .groups import ABGroups, build_groups
-from .guard import NonFiniteError, NonFiniteGuard, check_finite
+from .guard import NonFiniteError, NonFiniteGuard, check_finite, ranks_with
 from .layers import ABLayer
 from .model import ab_layers, compression, why_nothing_to_factorize
 from .reducer import Communicated, StepHealth, StepReduction, communicated, dp_equivalent_bytes
@@ -120,6 +120,9 @@ class ABOptimizer(WrappingOptimizer):
         #: Wall seconds spent in phase switches, by event ("factorize", "sync"), and in the SVDs.
         self.switch_seconds: dict[str, float] = defaultdict(float)
         self.svd_seconds = 0.0
+        #: DeepSpeed's ZeRO optimizer, when it reduces and steps (:class:`ab_accel.zero.ZeroScope`,
+        #: set by :func:`ab_accel.engine.attach`): this object then runs the schedule only.
+        self.external: Any = None
         if model is not None:
             self.bind(model)
 
@@ -227,8 +230,7 @@ class ABOptimizer(WrappingOptimizer):
                              phase=TrafficLabel.SETUP)
         self._refresh()
         if self._step == 0 and not self.switches:
-            for event in self.schedule.events(0):
-                self._run_event(event)
+            self._run_events(self.schedule.events(0))
         self._apply_roles()
         return self
 
@@ -306,6 +308,10 @@ class ABOptimizer(WrappingOptimizer):
                 "step() after finalize() (or sync_now()): the groups were reconciled "
                 "mid-AB-phase for export, so the model no longer matches the schedule. Call "
                 "finalize() only at the end of training.")
+        if self.external is not None:
+            raise RuntimeError(
+                "Under DeepSpeed ZeRO, engine.step() steps (DeepSpeed's ZeRO optimizer, with "
+                "AB-training's schedule around it): call engine.step(), not optimizer.step().")
         phase = self.phase
         self.synchronize()
         self._reduced = False
@@ -315,28 +321,58 @@ class ABOptimizer(WrappingOptimizer):
         else:
             self.guard.stepped()
             self._step_with_rebound()
-        self.traffic.record_step(phase, self._dp_bytes, self.world_size)
-        self._step += 1
-        for event in self.schedule.events(self._step):
-            self._run_event(event)
-        self.traffic.mark_step()
+        self._count_step(phase)
         return loss
 
+    def _count_step(self, phase: Phase) -> None:
+        """A step of ``phase`` ended (taken or skipped): count it, run the switches the schedule
+        puts at the new step count, close the step's traffic."""
+        self.traffic.record_step(phase, self._dp_bytes, self.world_size)
+        self._step += 1
+        self._run_events(self.schedule.events(self._step))
+        self.traffic.mark_step()
+
+    def _external_step(self, skipped: bool, local_bad: bool = False) -> None:
+        """DeepSpeed's ZeRO optimizer stepped (or skipped a non-finite step, every rank alike;
+        ``local_bad``: this rank's own gradients were non-finite)."""
+        phase = self.phase
+        if skipped:
+            self.guard.skipped(self._step, phase, ranks_with(self.comm, self.groups, local_bad),
+                               log=self.groups is None or self.groups.rank == 0)
+        else:
+            self.guard.stepped()
+        self._count_step(phase)
+
     def _step_with_rebound(self) -> None:
-        """The wrapped optimizer's step at ``lr * lr_factor`` (the LR rebound after a switch);
-        the scheduled learning rates are put back right after."""
+        self._with_rebound(self.optimizer.step)
+
+    def _with_rebound(self, step: Callable[[], Any]) -> Any:
+        """``step()`` at ``lr * lr_factor`` (the LR rebound after a switch); the scheduled
+        learning rates are put back right after."""
         factor = self.schedule.lr_factor(self._step)
         saved = [g["lr"] for g in self.optimizer.param_groups]
         if factor != 1.0:
             for g in self.optimizer.param_groups:
                 g["lr"] = g["lr"] * factor
         try:
-            self.optimizer.step()
+            return step()
         finally:
             for g, lr in zip(self.optimizer.param_groups, saved, strict=True):
                 g["lr"] = lr
 
     # ------------------------------------------------------------------ switches
+    def _run_events(self, events: list[Event]) -> None:
+        """The switches at one step count; under ZeRO, DeepSpeed's optimizer is rebuilt around
+        them (:class:`ab_accel.zero.ZeroScope`)."""
+        if not events:
+            return
+        if self.external is not None:
+            self.external.begin_switch()
+        for event in events:
+            self._run_event(event)
+        if self.external is not None:
+            self.external.end_switch()
+
     def _run_event(self, event: Event, final: bool = False) -> None:
         """Run one switch (refused on non-finite parameters) and record it."""
         start = time.perf_counter()
@@ -388,7 +424,11 @@ class ABOptimizer(WrappingOptimizer):
         if self.model is None or not any(layer.mode == LayerMode.AB for _, layer in self._layers):
             return False
         self._reduced = False
+        if self.external is not None:
+            self.external.begin_switch()
         self._run_event(Event.SYNC, final=True)
+        if self.external is not None:
+            self.external.end_switch()
         self._finalized = True
         return True
 

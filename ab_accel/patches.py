@@ -176,17 +176,20 @@ def clip_reduces_first(accelerator: Any, reduce: Callable[[list[Any]], None]) ->
 
 # ---------------------------------------------------------------------------------- DeepSpeed
 _ENGINE_METHODS = ("allreduce_gradients", "clip_fp32_gradients", "save_checkpoint",
-                   "load_checkpoint")
+                   "load_checkpoint", "_take_model_step", "_get_zero_ckpt_name",
+                   "_get_all_zero_checkpoint_names")
 
 
 def deepspeed_engine_methods(engine: Any, ab: Any, **methods: Callable[..., Any]) -> None:
     """Give this engine ``engine.ab_optimizer`` (what the replacements call) and replace, on
     this engine only (``types.MethodType``), the methods named (of
     ``allreduce_gradients``, ``clip_fp32_gradients``, ``save_checkpoint``,
-    ``load_checkpoint``); the originals stay reachable as ``engine._ab_original_<name>``.
-    DeepSpeed has no public hook for its gradient all-reduce (``engine.backward`` calls
-    ``allreduce_gradients`` directly), its fp32 clipping or its checkpoint files, and
-    AB-training must replace the first two and extend the last two."""
+    ``load_checkpoint``; under ZeRO ``_take_model_step`` and the ZeRO file names
+    ``_get_zero_ckpt_name`` / ``_get_all_zero_checkpoint_names``); the originals stay reachable
+    as ``engine._ab_original_<name>``. DeepSpeed has no public hook for its gradient all-reduce
+    (``engine.backward`` calls ``allreduce_gradients`` directly), its fp32 clipping, the end of
+    its optimizer step or its checkpoint files, and AB-training must replace the first two and
+    extend the others."""
     engine.ab_optimizer = ab
     for name, fn in methods.items():
         if name not in _ENGINE_METHODS:

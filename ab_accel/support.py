@@ -95,21 +95,28 @@ UNSUPPORTED: dict[str, Unsupported] = {
         {DEEPSPEED: 'Use "dtype": "bfloat16" (no loss scaler).',
          TRAINER: "Use bf16=True (no loss scaler)."}),
     "flat_optimizer": Unsupported(
-        "DeepSpeed's fp16/bf16 optimizer",
-        "it flattens the parameters into fixed buffers built once, which cannot follow factors "
-        "that are re-created with new shapes.",
-        f"Remove it and use {_BF16_AUTOCAST_DS}.",
-        {ACCELERATE: "Use --mixed_precision no with the JSON's "
-                     f"{_BF16_AUTOCAST_DS}.",
-         TRAINER: f"Drop --bf16/--fp16 and add {_BF16_AUTOCAST_DS} to the DeepSpeed JSON."}),
+        "DeepSpeed's bf16 optimizer at ZeRO stage 0",
+        "at stage 0 it flattens the parameters into fixed buffers built once, which cannot "
+        "follow factors that are re-created with new shapes (under ZeRO 1/2 AB-training "
+        "rebuilds DeepSpeed's optimizer at every switch).",
+        'Add "zero_optimization": {"stage": 1} (or 2) to keep "bf16", or remove "bf16" and use '
+        f"{_BF16_AUTOCAST_DS}.",
+        {ACCELERATE: "Use --zero_stage 1 or 2 with --mixed_precision bf16.",
+         TRAINER: 'Set "zero_optimization": {"stage": 1} (or 2) in the DeepSpeed JSON.'}),
     "zero": Unsupported(
-        "ZeRO stages >= 1",
-        "they shard the optimizer state (and with 2/3 the gradients and parameters) over the "
-        "whole data-parallel world, while in an AB phase the A-groups and B-groups hold "
+        "ZeRO stage 3",
+        "it partitions the parameters themselves over the whole data-parallel world and "
+        "gathers them layer by layer, while in an AB phase the A-groups and B-groups hold "
         "different factors whose shapes change at every re-factorization.",
-        'Use "zero_optimization": {"stage": 0} (AB-training already cuts the gradient '
-        "traffic; the factors are the memory saving).",
-        {ACCELERATE: 'Use "zero_optimization": {"stage": 0} (accelerate: --zero_stage 0).'}),
+        'Use "zero_optimization": {"stage": 2} (or 1): under AB-training the optimizer state '
+        "and gradients are partitioned over the ranks that hold the same factors.",
+        {ACCELERATE: 'Use "zero_optimization": {"stage": 2} (accelerate: --zero_stage 2).'}),
+    "autocast_zero": Unsupported(
+        '"torch_autocast" together with ZeRO',
+        "with ZeRO DeepSpeed's mixed precision is its \"bf16\" block (fp32 masters, bf16 "
+        "weights); torch_autocast under ZeRO keeps fp32 weights and picks reduction dtypes per "
+        "parameter, a combination AB-training's per-scope rebuild is not tested with.",
+        'Use "bf16": {"enabled": true} with ZeRO (or torch_autocast at stage 0).'),
     "compile": Unsupported(
         "torch.compile / DeepCompile",
         "every phase switch replaces the AB layers' parameters (W by A and B and back), which "
@@ -128,9 +135,11 @@ UNSUPPORTED: dict[str, Unsupported] = {
         "Remove static_graph."),
     "deepspeed_allreduce": Unsupported(
         "settings of DeepSpeed's gradient all-reduce",
-        "AB-training replaces that all-reduce by its group reduction (a plain mean), so they "
-        "would be silently ignored.",
-        "Remove the key."),
+        "at ZeRO stage 0 AB-training replaces that all-reduce by its group reduction (a plain "
+        "mean), so they would be silently ignored; under ZeRO 1/2 DeepSpeed reduces, and "
+        '"communication_data_type" is honoured, but prescaling and predivision are not tested '
+        "with the per-scope rebuild.",
+        'Remove the key (with ZeRO 1/2, "communication_data_type" may stay).'),
     "tagging_optimizer": Unsupported(
         "an optimizer that tags parameters at construction",
         "it reads attributes set on every parameter when the engine is built (Muon's use_muon, "

@@ -4,6 +4,7 @@ of a real gloo world by tests/distributed.py) beside the asserts on what the ran
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -51,12 +52,28 @@ def flat_named(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+#: Where a collective's payload (what this rank passes in) sits: the input of a gather or a
+#: reduce-scatter is its second argument (the first is the output).
+_INPUT_AT = {"all_gather": 1, "all_gather_into_tensor": 1, "reduce_scatter": 1,
+             "reduce_scatter_tensor": 1}
+_INPUT_KEYWORDS = ("tensor", "tensors", "input_tensor", "input_tensor_list", "input")
+
+
+def _payload(name: str, args: tuple, kwargs: dict) -> Any:
+    index = _INPUT_AT.get(name, 0)
+    if len(args) > index:
+        return args[index]
+    return next(kwargs[k] for k in _INPUT_KEYWORDS if k in kwargs)
+
+
 class CollectiveSpy:
     """Counts the bytes of every torch.distributed collective call that really runs (the one
     spy of the tests: ab_accel's collectives and deepspeed.comm's go through these functions).
 
     It wraps (does not replace) the functions: the real collective still runs; the spy adds up
-    the sizes of the tensors passed in (a list of tensors: their sum). ``calls`` counts them;
+    the sizes of the payload each call passes in (a gather's or reduce-scatter's INPUT, not its
+    output; a list of tensors: their sum), positional or keyword (deepspeed.comm passes
+    keywords). ``calls`` counts them;
     ``per_call`` holds (group ranks, bytes), ``sizes`` (bytes, dtype) of every call in issue
     order; ``groups`` and ``devices`` what they ran over and on.
     """
@@ -72,6 +89,7 @@ class CollectiveSpy:
         self.sizes: list[tuple[int, str]] = []
         self.devices: set[str] = set()
         self._orig: dict[str, Callable] = {}
+        self._backend: list[tuple[Any, str, Callable]] = []
 
     def __enter__(self) -> CollectiveSpy:
         for name in self.NAMES:
@@ -80,28 +98,47 @@ class CollectiveSpy:
                 continue
             self._orig[name] = orig
 
-            def wrapper(*args, _orig=orig, **kwargs):
-                tensor = args[0] if args else kwargs.get("tensor", kwargs.get("tensors"))
-                tensors = tensor if isinstance(tensor, (list, tuple)) else [tensor]
-                nbytes = sum(t.numel() * t.element_size() for t in tensors)
-                group = kwargs.get("group")
-                ranks = tuple(dist.get_process_group_ranks(group)) if group is not None \
-                    else tuple(range(dist.get_world_size()))
-                self.calls += 1
-                self.bytes += nbytes
-                self.groups.append(ranks)
-                self.per_call.append((ranks, nbytes))
-                if tensors:
-                    self.sizes.append((nbytes, str(tensors[0].dtype)))
-                    self.devices.add(str(tensors[0].device))
+            def wrapper(*args, _orig=orig, _name=name, **kwargs):
+                self._count(_payload(_name, args, kwargs), kwargs.get("group"))
                 return _orig(*args, **kwargs)
 
             setattr(dist, name, wrapper)
+        # deepspeed.comm keeps its own references to torch's all_gather_into_tensor and
+        # reduce_scatter_tensor (taken when it starts): wrap those too.
+        backend = getattr(sys.modules.get("deepspeed.comm.comm"), "cdb", None)
+        for attr, name in (("all_gather_function", "all_gather_into_tensor"),
+                           ("reduce_scatter_function", "reduce_scatter_tensor")):
+            orig = getattr(backend, attr, None)
+            if orig is None:
+                continue
+            self._backend.append((backend, attr, orig))
+
+            def captured(*args, _orig=orig, _name=name, **kwargs):
+                self._count(_payload(_name, args, kwargs), kwargs.get("group"))
+                return _orig(*args, **kwargs)
+
+            setattr(backend, attr, captured)
         return self
+
+    def _count(self, tensor: Any, group: Any) -> None:
+        tensors = tensor if isinstance(tensor, (list, tuple)) else [tensor]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        ranks = tuple(dist.get_process_group_ranks(group)) if group is not None \
+            else tuple(range(dist.get_world_size()))
+        self.calls += 1
+        self.bytes += nbytes
+        self.groups.append(ranks)
+        self.per_call.append((ranks, nbytes))
+        if tensors:
+            self.sizes.append((nbytes, str(tensors[0].dtype)))
+            self.devices.add(str(tensors[0].device))
 
     def __exit__(self, *exc: Any) -> None:
         for name, orig in self._orig.items():
             setattr(dist, name, orig)
+        for backend, attr, orig in self._backend:
+            setattr(backend, attr, orig)
+        self._backend.clear()
 
 
 def dp_equivalent_bytes_per_step(model_factory: Callable[[], nn.Module]) -> int:

@@ -1,0 +1,366 @@
+"""ZeRO stage 1 and 2 under AB-training: DeepSpeed's ZeRO optimizer reduces, clips and steps,
+over the step's SCOPE (the world in warm-up and rebound, the own group in an AB phase).
+
+DeepSpeed's ``DeepSpeedZeroOptimizer`` (runtime/zero/stage_1_and_2.py) partitions the optimizer
+state (stage 2: the gradients too) over ONE process group, and reduces gradients, computes the
+clip norm and all-gathers the updated parameters in it. Its flat buffers are built once, for the
+parameters that are trainable then. So :class:`ZeroScope` REBUILDS it at every phase switch,
+over the parameters trained next and the next scope: ranks holding different factors never
+share a partition. In between, DeepSpeed runs unchanged.
+
+What a switch does (:meth:`ZeroScope.begin_switch`, the AB switch, :meth:`ZeroScope.end_switch`):
+
+1. read every trained parameter's fp32 master and optimizer state (DeepSpeed's
+   ``safe_get_full_*``, a collective inside the old scope), destroy the old ZeRO optimizer, and
+   put the module in fp32 with the masters' values (a bf16 run's switch computes in fp32: the
+   SVD and ``W <- A B`` never see bf16 rounding of the trained tensors);
+2. the AB switch itself (sync, factorization) on the fp32 module, exactly as without ZeRO; the
+   kept parameters' optimizer state is averaged over the world at a sync, as DESIGN says;
+3. cast the module back (bf16 under ``"bf16"``), rebuild the ZeRO optimizer around the SAME
+   torch optimizer (its param groups refilled, the current learning rates kept, so schedulers
+   keep working), write the fp32 masters and the kept parameters' state into the new partitions.
+
+ZeRO keeps one Adam step counter per param group (a flat partition): a tensor re-created at a
+switch (W, A, B) starts with zero moments and its group's counter; the LR rebound that follows
+every switch ramps the learning rate from ~0, which covers the restart (without ZeRO the new
+tensor's counter restarts at 0 too; only the bias correction of its first steps differs).
+
+The overflow (non-finite) decision is made over the WORLD (one byte per step, metered as
+"check"), so every rank skips the same steps; ZeRO's own flag covers its dp group only. Every
+collective DeepSpeed makes while the engine is attached goes through the meter, labelled with the
+step's phase ("sync" inside a switch), by the dtype DeepSpeed sends (``communication_data_type``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .layers import ABLayer
+from .vocab import Phase, TrafficLabel
+
+#: The ZeRO stages AB-training runs with (3 partitions the parameters themselves: refused).
+STAGES = (1, 2)
+#: Sub-folder of a DeepSpeed checkpoint tag with the ZeRO files of every scope (one folder per
+#: AB group mid-AB-phase: DeepSpeed names its files by the rank in the dp group, which collide).
+ZERO_DIR = "ab_training_zero"
+
+
+# ------------------------------------------------------------------------------ the meter
+#: deepspeed.comm collectives -> (the meter's op, index of the payload tensor in the args).
+_COLLECTIVES = {
+    "all_reduce": ("all_reduce", 0), "inference_all_reduce": ("all_reduce", 0),
+    "reduce": ("reduce", 0), "broadcast": ("broadcast", 0),
+    "all_gather": ("all_gather", 1), "all_gather_into_tensor": ("all_gather", 1),
+    "allgather_fn": ("all_gather", 1), "reduce_scatter_tensor": ("reduce_scatter", 1),
+    "reduce_scatter_fn": ("reduce_scatter", 1), "all_to_all_single": ("all_to_all", 1),
+}
+_METERS: list[Any] = []  # the attached ZeroScope (or a benchmark's plain meter), innermost last
+
+
+def _group_ranks(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
+    group = kwargs.get("group")
+    if group is None:
+        group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
+    if group is None or group is dist.group.WORLD:
+        return tuple(range(dist.get_world_size()))
+    return tuple(dist.get_process_group_ranks(group))
+
+
+def _metered(name: str, fn: Any) -> Any:
+    op, index = _COLLECTIVES[name]
+
+    @functools.wraps(fn)
+    def collective(*args: Any, **kwargs: Any) -> Any:
+        meter = _METERS[-1] if _METERS else None
+        label = meter.label() if meter is not None else None
+        if label is not None:
+            tensor = args[index] if len(args) > index else kwargs.get(
+                "tensor", kwargs.get("input_tensor", kwargs.get("input")))
+            if torch.is_tensor(tensor):
+                meter.traffic.record(op, tensor.numel() * tensor.element_size(),
+                                     _group_ranks(args, kwargs), label)
+        return fn(*args, **kwargs)
+
+    collective._ab_metered = True  # type: ignore[attr-defined]
+    return collective
+
+
+def install_meter() -> None:
+    """Route deepspeed.comm's collectives through :data:`_METERS` (once per process; a
+    collective made while no meter is pushed passes through untouched)."""
+    import deepspeed.comm as ds_comm
+
+    for name in _COLLECTIVES:
+        fn = getattr(ds_comm, name, None)
+        if fn is not None and not getattr(fn, "_ab_metered", False):
+            setattr(ds_comm, name, _metered(name, fn))
+
+
+class PlainMeter:
+    """A meter for DeepSpeed's collectives without AB-training (a benchmark's baseline):
+    every collective under ``label`` into ``traffic`` (a :class:`~ab_accel.comm.TrafficMeter`)."""
+
+    def __init__(self, traffic: Any, label: str = str(TrafficLabel.WARMUP)) -> None:
+        self.traffic, self._label = traffic, label
+
+    def label(self) -> str:
+        return self._label
+
+    def __enter__(self) -> PlainMeter:
+        install_meter()
+        _METERS.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _METERS.remove(self)
+
+
+# ------------------------------------------------------------------------------ the scope
+def _relink(zero: Any) -> None:
+    """DeepSpeed links the parameters to Adam's state lazily, after the FIRST group's state
+    exists; groups whose state appeared later stay unlinked. Link them all again."""
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+
+
+def _per_element(value: Any, numel: int) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0 and value.numel() == numel
+
+
+class ZeroScope:
+    """One engine's ZeRO optimizer, rebuilt over the step's scope at every AB switch.
+
+    Made by :func:`ab_accel.engine.attach` for an engine with ZeRO stage 1 or 2; the
+    :class:`~ab_accel.ABOptimizer` calls :meth:`begin_switch` / :meth:`end_switch` around its
+    switches and :meth:`stepped` after DeepSpeed's optimizer step.
+    """
+
+    def __init__(self, engine: Any, ab: Any) -> None:
+        from deepspeed import utils as ds_utils  # the documented access to ZeRO's fp32 state
+
+        self.engine, self.ab, self.ds = engine, ab, ds_utils
+        self.basic: torch.optim.Optimizer = engine.basic_optimizer
+        self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+        self.switching = False
+        self.metering = True
+        #: Whether this rank's own gradients were non-finite in the last overflow check.
+        self.local_overflow = False
+        #: Wall seconds spent rebuilding DeepSpeed's optimizer, and how many rebuilds ran.
+        self.rebuild_seconds = 0.0
+        self.rebuilds = 0
+        self._carried: dict[int, dict[str, Any]] = {}
+        self._masters: dict[int, torch.Tensor] = {}
+
+    # -------------------------------------------------------------- the meter's label
+    def label(self) -> str | None:
+        if not self.metering:
+            return None
+        return str(TrafficLabel.SYNC) if self.switching else str(self.ab.phase)
+
+    @property
+    def traffic(self) -> Any:
+        return self.ab.traffic
+
+    # -------------------------------------------------------------- attach
+    def adopt(self) -> None:
+        """At attach: give the torch optimizer back its parameter lists (ZeRO replaced them by
+        its flat partitions), destroy DeepSpeed's first ZeRO optimizer and leave the module in
+        fp32 for the binding (which may factorize at step 0). :meth:`end_switch` builds it
+        again for the first step's scope."""
+        install_meter()
+        zero = self.engine.optimizer
+        for group, params in zip(self.basic.param_groups, zero.bit16_groups, strict=True):
+            group["params"] = list(params)
+        self._drop(zero)
+        self.basic.state.clear()
+        self._to_fp32({})
+        self.switching = True
+        _METERS.append(self)
+
+    def detach(self) -> None:
+        if self in _METERS:
+            _METERS.remove(self)
+
+    # -------------------------------------------------------------- a switch
+    def begin_switch(self, carry: bool = True) -> None:
+        """Before an AB switch: masters and (``carry``) optimizer state out of the old ZeRO
+        optimizer, which is destroyed; the module in fp32 with the masters' values; the torch
+        optimizer holds the module's parameters, and per-parameter state the switch can
+        average (:func:`ab_accel.switches.dense_state`)."""
+        start = time.perf_counter()
+        self.switching = True
+        zero = self.engine.optimizer
+        _relink(zero)
+        masters: dict[int, torch.Tensor] = {}
+        carried: dict[torch.nn.Parameter, dict[str, Any]] = {}
+        for i, params in enumerate(zero.bit16_groups):
+            part = zero.single_partition_of_fp32_groups[i]
+            state = self.basic.state.get(part, {})
+            keys = sorted(k for k, v in state.items() if _per_element(v, part.numel()))
+            counters = {k: v.clone() if torch.is_tensor(v) else v
+                        for k, v in state.items() if k not in keys}
+            for p in params:
+                masters[id(p)] = self.ds.safe_get_full_fp32_param(p).clone()
+                if carry and keys:
+                    carried[p] = dict(counters, **{
+                        k: self.ds.safe_get_full_optimizer_state(p, k).clone() for k in keys})
+        self._drop(zero)
+        self.basic.state.clear()
+        self.ab._refresh()  # the torch optimizer's groups: the module's tensors again
+        self.basic.state.update(carried)
+        self._to_fp32(masters)
+        self.rebuild_seconds += time.perf_counter() - start
+
+    def end_switch(self) -> None:
+        """After an AB switch: the module back in its training dtype, a new ZeRO optimizer over
+        the trained parameters and the next step's scope, its masters and the kept state set."""
+        start = time.perf_counter()
+        module, basic, engine = self.engine.module, self.basic, self.engine
+        masters = {id(p): p.data for p in module.parameters()}
+        carried = {id(p): st for p, st in basic.state.items()}
+        basic.state.clear()
+        self._to_dtype(module)
+        group, _ = self.ab._scope()
+        engine.param_names = {p: n for n, p in module.named_parameters()}
+        keep = engine.seq_data_parallel_group
+        engine.seq_data_parallel_group = group
+        try:
+            zero = engine._configure_zero_optimizer(basic)
+        finally:
+            engine.seq_data_parallel_group = keep
+        engine.optimizer = zero
+        self._wrap(zero)
+        if self.dtype != torch.float32:  # ZeRO built its masters from the bf16 copy
+            for params in zero.bit16_groups:
+                for p in params:
+                    self.ds.safe_set_full_fp32_param(p, masters[id(p)])
+        self._set_state(zero, carried)
+        self.switching = False
+        self.rebuilds += 1
+        self.rebuild_seconds += time.perf_counter() - start
+
+    def _set_state(self, zero: Any, carried: dict[int, dict[str, Any]]) -> None:
+        """The kept parameters' optimizer state into the new partitions: a group with any kept
+        parameter gets their counters (``step``) and zero moments for its new tensors."""
+        for i, params in enumerate(zero.bit16_groups):
+            kept = [carried[id(p)] for p in params if id(p) in carried]
+            if not kept:
+                continue  # all new: the torch optimizer creates fresh state at its first step
+            part = zero.single_partition_of_fp32_groups[i]
+            self.basic.state[part] = {
+                key: torch.zeros_like(part) if _per_element(value, value.numel()) else (
+                    value.clone() if torch.is_tensor(value) else value)
+                for key, value in kept[0].items()}
+        _relink(zero)
+        for params in zero.bit16_groups:
+            for p in params:
+                for key, value in carried.get(id(p), {}).items():
+                    if _per_element(value, p.numel()):
+                        self.ds.safe_set_full_optimizer_state(p, value, key)
+
+    # -------------------------------------------------------------- helpers
+    def _drop(self, zero: Any) -> None:
+        """Destroy a ZeRO optimizer and everything that would keep its buffers alive."""
+        zero.destroy()
+        for params in zero.bit16_groups:
+            for p in params:
+                p.__dict__.pop("_zero_optimizer", None)  # set under CPU offload
+        self.engine.optimizer = None
+
+    def _to_fp32(self, masters: dict[int, torch.Tensor]) -> None:
+        """Every parameter as an fp32 tensor of its own (the masters' values where given): out
+        of the destroyed optimizer's flat buffer, and exact for the switch's arithmetic."""
+        for p in self.engine.module.parameters():
+            value = masters.get(id(p))
+            p.data = value.to(p.device) if value is not None else p.data.float().clone()
+        for layer in self._layers():
+            if layer.residual is not None and layer.residual_dtype is None:
+                layer.residual = layer.residual.float()
+
+    def _to_dtype(self, module: nn.Module) -> None:
+        if self.dtype == torch.float32:
+            return
+        for p in module.parameters():
+            p.data = p.data.to(self.dtype)
+        for layer in self._layers():
+            if layer.residual is not None and layer.residual_dtype is None:
+                layer.residual = layer.residual.to(self.dtype)
+
+    def _layers(self) -> list[ABLayer]:
+        return [m for m in self.engine.module.modules() if isinstance(m, ABLayer)]
+
+    def _wrap(self, zero: Any) -> None:
+        """The new ZeRO optimizer: the overflow flag over the world, the LR rebound."""
+        zero.check_grad_overflow = True
+        zero.has_overflow = types.MethodType(functools.partial(_world_has_overflow, self), zero)
+        inner_step = zero.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            return self.ab._with_rebound(lambda: inner_step(*args, **kwargs))
+
+        zero.step = step
+
+    # -------------------------------------------------------------- the step
+    def stepped(self) -> None:
+        """After DeepSpeed's optimizer step: count it (skipped or not), run the switches."""
+        self.ab._external_step(skipped=bool(getattr(self.engine.optimizer, "overflow", False)),
+                               local_bad=self.local_overflow)
+
+    def mean_buffers(self) -> None:
+        """The float buffers (BatchNorm statistics) averaged over the step's scope, as every
+        AB step does (DeepSpeed averages gradients only)."""
+        buffers = self.ab._comm_set.buffers
+        group, ranks = self.ab._scope()
+        if buffers and len(ranks) > 1:
+            self.ab.comm.mean_(buffers, group, ranks, self.ab.phase)
+
+    @contextlib.contextmanager
+    def unmetered(self) -> Iterator[None]:
+        """DeepSpeed's checkpoint collectives (tag validation) are not training traffic."""
+        previous, self.metering = self.metering, False
+        try:
+            yield
+        finally:
+            self.metering = previous
+
+    # -------------------------------------------------------------- checkpoints
+    def scope_dir(self, path: str, tag: Any) -> str:
+        """This rank's scope's folder for DeepSpeed's ZeRO files inside a checkpoint tag."""
+        groups = self.ab.groups
+        name = f"group{groups.group_index}" if self.ab.phase == Phase.AB else "world"
+        return os.path.join(path, str(tag), ZERO_DIR, name)
+
+    def state_bytes(self) -> int:
+        """Bytes of this rank's optimizer state partitions and fp32 masters now."""
+        zero = self.engine.optimizer
+        total = sum(t.numel() * t.element_size() for t in zero.single_partition_of_fp32_groups)
+        for part in zero.single_partition_of_fp32_groups:
+            for value in self.basic.state.get(part, {}).values():
+                if torch.is_tensor(value):
+                    total += value.numel() * value.element_size()
+        return total
+
+
+def _world_has_overflow(scope: ZeroScope, zero: Any, partition_gradients: bool = True) -> bool:
+    """ZeRO's ``has_overflow``, decided over the WORLD: one flag, max-reduced."""
+    if zero.cpu_offload:
+        local = bool(zero.local_overflow)
+    else:
+        local = bool(zero.has_overflow_partitioned_grads_serial())
+    scope.local_overflow = local
+    ab = scope.ab
+    return ab.comm.max_int([int(local)], ab.groups.world, ab.groups.world_ranks,
+                           TrafficLabel.CHECK)[0] > 0
+
+
+__all__ = ["ZeroScope", "PlainMeter", "install_meter", "STAGES", "ZERO_DIR"]
