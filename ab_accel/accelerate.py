@@ -66,9 +66,10 @@ from .checkpoint import SHARDS_DIR
 from .config import ABConfig, ABConfigError, resolve_config
 from .ddp import ignore_factorized_weights
 from .ds_config import check_config
-from .engine import attach as attach_engine
+from .engine import attach_prepared
 from .model import ab_layers, convert, why_nothing_to_factorize
 from .optimizer import ABOptimizer
+from .zero import STAGES
 
 #: Sub-folder of an ``accelerator.save_state`` folder that holds the per-group AB shards.
 CHECKPOINT_DIR = SHARDS_DIR
@@ -145,10 +146,12 @@ def prepare(accelerator: Any, *objects: Any, config: ABConfig | dict | None = No
         ignore_factorized_weights(model)
 
     to_prepare = list(objects)
-    # DeepSpeed's engine must call ABOptimizer.step(); under DDP (or one process) Accelerate
+    # DeepSpeed's stage-0 engine must call ABOptimizer.step(); under ZeRO DeepSpeed's ZeRO
+    # optimizer wraps the torch optimizer and steps; under DDP (or one process) Accelerate
     # prepares the plain optimizer (its state is moved to the device) and the ABOptimizer is
     # put inside Accelerate's wrapper afterwards.
-    to_prepare[opt_index] = ab if deepspeed else ab.optimizer
+    zero = deepspeed and _zero_stage(accelerator) in STAGES
+    to_prepare[opt_index] = ab if deepspeed and not zero else ab.optimizer
     result = accelerator.prepare(*to_prepare)
     prepared = list(result) if isinstance(result, (tuple, list)) else [result]
     prepared_model, prepared_opt = prepared[model_index], prepared[opt_index]
@@ -158,9 +161,8 @@ def prepare(accelerator: Any, *objects: Any, config: ABConfig | dict | None = No
         # all-reduce and fp32 clipping by the AB ones, binds the ABOptimizer to engine.module
         # and keeps one shard per group in engine.save_checkpoint / load_checkpoint (which
         # accelerator.save_state / load_state call under DeepSpeed).
-        attach_engine(prepared_model, ab)
-        wire(ab, prepared_model.module, prepared_model.is_gradient_accumulation_boundary,
-             prepared_opt, framework="deepspeed")
+        attach_prepared(prepared_model, ab, prepared_opt,
+                        prepared_model.is_gradient_accumulation_boundary)
         patches.add_view_class(prepared_opt, ABOptimizerView)
         return result
     # The overlapped reduction launches only on accumulation boundaries.
@@ -212,6 +214,14 @@ def _find_optimizer_and_model(objects: tuple[Any, ...]) -> tuple[int, int]:
             "INSTEAD of accelerator.prepare, on the plain model."
         )
     return opt_index, candidates[0]
+
+
+def _zero_stage(accelerator: Any) -> int:
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization") or {}
+    try:
+        return int(zero.get("stage", 0))
+    except (TypeError, ValueError):
+        return -1
 
 
 def _resolve_config(accelerator: Any, opt: Any, config: ABConfig | dict | None) -> ABConfig:

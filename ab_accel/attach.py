@@ -46,6 +46,9 @@ def ab_optimizer(obj: Any) -> ABOptimizer:
     while current is not None and id(current) not in seen:
         if isinstance(current, ABOptimizer):
             return current
+        owner = getattr(current, "ab_optimizer", None)  # a DeepSpeed engine or ZeRO optimizer
+        if isinstance(owner, ABOptimizer):
+            return owner
         seen.add(id(current))
         current = getattr(current, "optimizer", None)
     raise TypeError(

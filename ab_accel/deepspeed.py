@@ -55,7 +55,7 @@ from torch import nn
 from .checkpoint import SHARDS_DIR
 from .config import ABConfigError, resolve_config
 from .ds_config import check_config, load_ds_config, read_config
-from .engine import attach, check_engine, is_zero
+from .engine import attach, check_engine, torch_optimizer
 from .model import convert
 from .optimizer import ABOptimizer
 
@@ -72,8 +72,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
 
     Same arguments and the same returns ``(engine, optimizer, training_dataloader,
     lr_scheduler)``; with the key present and enabled, ``optimizer`` is the
-    :class:`~ab_accel.ABOptimizer` (also ``engine.optimizer``). The model is converted in place
-    (:func:`ab_accel.convert`) before DeepSpeed sees it.
+    :class:`~ab_accel.ABOptimizer` (at ZeRO stage 0 also ``engine.optimizer``). The model is
+    converted in place (:func:`ab_accel.convert`) before DeepSpeed sees it.
 
     The optimizer: a torch optimizer (or a callable, as DeepSpeed takes) passed as
     ``optimizer=`` is wrapped; without one, DeepSpeed builds the JSON's ``"optimizer"`` block
@@ -122,11 +122,11 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, config=ds, **ds_kwargs)
     check_engine(engine)
-    # Under ZeRO the engine's optimizer is DeepSpeed's; the torch optimizer inside it is wrapped.
-    torch_optimizer = engine.basic_optimizer if is_zero(engine) else engine.optimizer
+    # Under ZeRO the engine's optimizer is DeepSpeed's: the torch optimizer inside is wrapped.
+    inner = torch_optimizer(engine)
     if ab is None:
-        ab = ABOptimizer(torch_optimizer, None, cfg)
-    elif torch_optimizer is not ab.optimizer:
+        ab = ABOptimizer(inner, None, cfg)
+    elif inner is not ab.optimizer:
         raise RuntimeError("DeepSpeed replaced the optimizer; cannot attach AB-training.")
     attach(engine, ab)
     return engine, ab, dataloader, scheduler

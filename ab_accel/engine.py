@@ -148,10 +148,18 @@ def _ab_take_model_step(self: Any, *args: Any, **kwargs: Any) -> Any:
     over the scope, DeepSpeed's step (ZeRO's optimizer, the LR rebound around it, the overflow
     decided over the world, the scheduler), then AB-training's count and switches."""
     scope = self.ab_optimizer.external
-    scope.mean_buffers()
-    out = self._ab_original__take_model_step(*args, **kwargs)
-    scope.stepped()
+    with scope.metered():
+        scope.mean_buffers()
+        out = self._ab_original__take_model_step(*args, **kwargs)
+        scope.stepped()
     return out
+
+
+def _ab_zero_backward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """``DeepSpeedEngine.backward`` with DeepSpeed's collectives metered (ZeRO 2 reduces in
+    the backward hooks, ZeRO 1 at the accumulation boundary)."""
+    with self.ab_optimizer.external.metered():
+        return self._ab_original_backward(*args, **kwargs)
 
 
 def _ab_zero_ckpt_name(self: Any, checkpoints_path: str, tag: Any) -> str:
@@ -187,10 +195,9 @@ def _ab_zero_save_checkpoint(self: Any, save_dir: str, tag: Any = None, client_s
         tag = f"global_step{self.global_steps}"
     save_shards(os.path.join(save_dir, str(tag)), self.module, self.ab_optimizer,
                 extra={"global_steps": self.global_steps})
-    with self.ab_optimizer.external.unmetered():
-        return self._ab_original_save_checkpoint(
-            save_dir, tag, client_state={} if client_state is None else client_state,
-            save_latest=save_latest, exclude_frozen_parameters=True)
+    return self._ab_original_save_checkpoint(
+        save_dir, tag, client_state={} if client_state is None else client_state,
+        save_latest=save_latest, exclude_frozen_parameters=True)
 
 
 def _ab_zero_load_checkpoint(self: Any, load_dir: str, tag: Any = None,
@@ -209,13 +216,12 @@ def _ab_zero_load_checkpoint(self: Any, load_dir: str, tag: Any = None,
     scope.begin_switch(carry=False)
     load_shards(tag_dir, self.module, ab, model_only=model_only)
     scope.end_switch()
-    with scope.unmetered():
-        out = self._ab_original_load_checkpoint(
-            load_dir, tag, load_module_strict=load_module_strict,
-            load_optimizer_states=load_optimizer_states,
-            load_lr_scheduler_states=load_lr_scheduler_states,
-            load_module_only=load_module_only, custom_load_fn=_keep_module)
-        self.optimizer.update_lp_params()
+    out = self._ab_original_load_checkpoint(
+        load_dir, tag, load_module_strict=load_module_strict,
+        load_optimizer_states=load_optimizer_states,
+        load_lr_scheduler_states=load_lr_scheduler_states,
+        load_module_only=load_module_only, custom_load_fn=_keep_module)
+    self.optimizer.update_lp_params()
     return out
 
 
@@ -259,6 +265,26 @@ def attach(engine: Any, ab_optimizer: ABOptimizer) -> ABOptimizer:
     return ab_optimizer
 
 
+def attach_prepared(engine: Any, ab: ABOptimizer, wrapper: Any,
+                    launch_predicate: Any) -> ABOptimizer:
+    """:func:`attach` for an engine that Accelerate prepared (``accelerate launch
+    --use_deepspeed``, the Trainer's ``--deepspeed``): ``wrapper`` is Accelerate's optimizer
+    wrapper, which must hold the ABOptimizer (stage 0) or follow the rebuilt ZeRO optimizer;
+    at stage 0 the overlapped reduction launches while ``launch_predicate`` holds."""
+    attach(engine, ab)
+    if ab.external is not None:
+        ab.external.follow(wrapper)
+    else:
+        wire(ab, engine.module, launch_predicate, wrapper, framework="deepspeed")
+    return ab
+
+
+def torch_optimizer(engine: Any) -> Any:
+    """The torch optimizer an ABOptimizer wraps on this engine: under ZeRO the one inside
+    DeepSpeed's ZeRO optimizer, else the engine's optimizer."""
+    return engine.basic_optimizer if is_zero(engine) else engine.optimizer
+
+
 def _attach_zero(engine: Any, ab: ABOptimizer) -> ABOptimizer:
     """:func:`attach` for ZeRO stage 1 and 2 (see :mod:`ab_accel.zero`)."""
     if ab.optimizer is not engine.basic_optimizer:
@@ -278,11 +304,11 @@ def _attach_zero(engine: Any, ab: ABOptimizer) -> ABOptimizer:
     ab.external = scope
     scope.end_switch()  # ZeRO over the first step's scope and trained parameters
     patches.deepspeed_engine_methods(
-        engine, ab, _take_model_step=_ab_take_model_step,
+        engine, ab, _take_model_step=_ab_take_model_step, backward=_ab_zero_backward,
         _get_zero_ckpt_name=_ab_zero_ckpt_name,
         _get_all_zero_checkpoint_names=_ab_all_zero_checkpoint_names,
         save_checkpoint=_ab_zero_save_checkpoint, load_checkpoint=_ab_zero_load_checkpoint)
     return ab
 
 
-__all__ = ["attach", "check_engine", "is_zero"]
+__all__ = ["attach", "attach_prepared", "check_engine", "is_zero", "torch_optimizer"]

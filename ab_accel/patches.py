@@ -176,7 +176,7 @@ def clip_reduces_first(accelerator: Any, reduce: Callable[[list[Any]], None]) ->
 
 # ---------------------------------------------------------------------------------- DeepSpeed
 _ENGINE_METHODS = ("allreduce_gradients", "clip_fp32_gradients", "save_checkpoint",
-                   "load_checkpoint", "_take_model_step", "_get_zero_ckpt_name",
+                   "load_checkpoint", "_take_model_step", "backward", "_get_zero_ckpt_name",
                    "_get_all_zero_checkpoint_names")
 
 
@@ -184,7 +184,7 @@ def deepspeed_engine_methods(engine: Any, ab: Any, **methods: Callable[..., Any]
     """Give this engine ``engine.ab_optimizer`` (what the replacements call) and replace, on
     this engine only (``types.MethodType``), the methods named (of
     ``allreduce_gradients``, ``clip_fp32_gradients``, ``save_checkpoint``,
-    ``load_checkpoint``; under ZeRO ``_take_model_step`` and the ZeRO file names
+    ``load_checkpoint``; under ZeRO ``_take_model_step``, ``backward`` and the ZeRO file names
     ``_get_zero_ckpt_name`` / ``_get_all_zero_checkpoint_names``); the originals stay reachable
     as ``engine._ab_original_<name>``. DeepSpeed has no public hook for its gradient all-reduce
     (``engine.backward`` calls ``allreduce_gradients`` directly), its fp32 clipping, the end of

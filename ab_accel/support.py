@@ -57,7 +57,7 @@ UNSUPPORTED: dict[str, Unsupported] = {
         "FSDP",
         "FSDP shards every parameter over the whole world, while AB-training trains different, "
         "shape-changing factors in different groups.",
-        f"Instead {_USE_DDP}, or DeepSpeed ZeRO stage 0 through ab_accel.deepspeed."),
+        f"Instead {_USE_DDP}, or DeepSpeed ZeRO stage 0, 1 or 2 through ab_accel.deepspeed."),
     "megatron": Unsupported(
         "Megatron-LM",
         "its tensor/pipeline parallel layers are not nn.Linear layers ab_accel can factorize, "

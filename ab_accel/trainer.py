@@ -57,7 +57,7 @@ from .checkpoint import read_manifest
 from .config import DEEPSPEED_KEY, ABConfig, ABConfigError, resolve_config
 from .ddp import ignore_factorized_weights
 from .ds_config import check_config, load_ds_config
-from .engine import attach
+from .engine import attach_prepared, torch_optimizer
 from .model import compression, convert
 from .optimizer import ABOptimizer
 from .schedule import ABSchedule
@@ -130,12 +130,20 @@ class ABTrainer(Trainer):
         where, tr = "in the Trainer", support.TRAINER
         if self.args.fp16:
             support.refuse(support.problem("fp16", "fp16=True", tr), where)
-        if self.is_deepspeed_enabled and self.args.bf16:
+        if self.is_deepspeed_enabled and self.args.bf16 and self._zero_stage() == 0:
             support.refuse(support.problem(
-                "flat_optimizer", "bf16=True with DeepSpeed (DeepSpeed's bf16 optimizer)", tr),
-                where)
+                "flat_optimizer", "bf16=True with DeepSpeed at ZeRO stage 0 (DeepSpeed's bf16 "
+                "optimizer)", tr), where)
         if self.args.auto_find_batch_size:
             support.refuse(support.problem("auto_find_batch_size", frontend=tr), where)
+
+    def _zero_stage(self) -> int:
+        ds = getattr(self.args, "hf_deepspeed_config", None)
+        zero = (ds.config if ds is not None else {}).get("zero_optimization") or {}
+        try:
+            return int(zero.get("stage", 0))
+        except (TypeError, ValueError):
+            return 0
 
     def _enabled(self) -> bool:
         return self.ab_config is not None and self.ab_config.enabled
@@ -192,14 +200,15 @@ class ABTrainer(Trainer):
         from accelerate.optimizer import AcceleratedOptimizer
 
         wrapped = next((o for o in prepared if isinstance(o, AcceleratedOptimizer)), None)
-        if wrapped is None or isinstance(wrapped.optimizer, ABOptimizer):
+        if wrapped is None or isinstance(wrapped.optimizer, ABOptimizer) or isinstance(
+                getattr(wrapped.optimizer, "ab_optimizer", None), ABOptimizer):
             return  # nothing to train, or an optimizer prepared (and wrapped) before
         if self.is_deepspeed_enabled:
             engine = self.accelerator.deepspeed_engine_wrapped.engine
-            ab = attach(engine, ABOptimizer(engine.optimizer, None, self.ab_config))
-            # launched on the Trainer's accumulation boundaries, as without DeepSpeed
-            wire(ab, engine.module, lambda: self.accelerator.sync_gradients, wrapped,
-                 framework="deepspeed")
+            # at stage 0 launched on the Trainer's accumulation boundaries, as without DeepSpeed
+            ab = attach_prepared(engine, ABOptimizer(torch_optimizer(engine), None,
+                                                     self.ab_config),
+                                 wrapped, lambda: self.accelerator.sync_gradients)
         else:
             # AB-training owns gradient reduction; DDP's reducer would all-reduce over the
             # world (and cannot follow re-created factors): it stays off for the whole run.

@@ -10,8 +10,9 @@ share a partition. In between, DeepSpeed runs unchanged.
 
 What a switch does (:meth:`ZeroScope.begin_switch`, the AB switch, :meth:`ZeroScope.end_switch`):
 
-1. read every trained parameter's fp32 master and optimizer state (DeepSpeed's
-   ``safe_get_full_*``, a collective inside the old scope), destroy the old ZeRO optimizer, and
+1. read every trained parameter's fp32 master, and the optimizer state of the dense ones (the
+   AB layers' tensors are re-created by the switch; DeepSpeed's ``safe_get_full_*``, collectives
+   inside the old scope, metered as "sync"), destroy the old ZeRO optimizer, and
    put the module in fp32 with the masters' values (a bf16 run's switch computes in fp32: the
    SVD and ``W <- A B`` never see bf16 rounding of the trained tensors);
 2. the AB switch itself (sync, factorization) on the fp32 module, exactly as without ZeRO; the
@@ -28,7 +29,8 @@ tensor's counter restarts at 0 too; only the bias correction of its first steps 
 The overflow (non-finite) decision is made over the WORLD (one byte per step, metered as
 "check"), so every rank skips the same steps; ZeRO's own flag covers its dp group only. Every
 collective DeepSpeed makes while the engine is attached goes through the meter, labelled with the
-step's phase ("sync" inside a switch), by the dtype DeepSpeed sends (``communication_data_type``).
+step's phase ("sync" inside a switch), by the dtype DeepSpeed sends (``communication_data_type``):
+the engine's ``backward`` and optimizer step run inside :meth:`ZeroScope.metered`.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ _COLLECTIVES = {
     "allgather_fn": ("all_gather", 1), "reduce_scatter_tensor": ("reduce_scatter", 1),
     "reduce_scatter_fn": ("reduce_scatter", 1), "all_to_all_single": ("all_to_all", 1),
 }
-_METERS: list[Any] = []  # the attached ZeroScope (or a benchmark's plain meter), innermost last
+_METERS: list[Any] = []  # the ZeroScope inside its engine's call (or a PlainMeter), innermost last
 
 
 def _group_ranks(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
@@ -116,6 +118,9 @@ class PlainMeter:
     def label(self) -> str:
         return self._label
 
+    def metered(self) -> PlainMeter:
+        return self
+
     def __enter__(self) -> PlainMeter:
         install_meter()
         _METERS.append(self)
@@ -152,19 +157,17 @@ class ZeroScope:
         self.basic: torch.optim.Optimizer = engine.basic_optimizer
         self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
         self.switching = False
-        self.metering = True
         #: Whether this rank's own gradients were non-finite in the last overflow check.
         self.local_overflow = False
         #: Wall seconds spent rebuilding DeepSpeed's optimizer, and how many rebuilds ran.
         self.rebuild_seconds = 0.0
         self.rebuilds = 0
-        self._carried: dict[int, dict[str, Any]] = {}
-        self._masters: dict[int, torch.Tensor] = {}
+        #: Wrappers whose ``.optimizer`` must be the current ZeRO optimizer (Accelerate's
+        #: DeepSpeedOptimizerWrapper reads its ``overflow``): see :meth:`follow`.
+        self.followers: list[Any] = []
 
     # -------------------------------------------------------------- the meter's label
-    def label(self) -> str | None:
-        if not self.metering:
-            return None
+    def label(self) -> str:
         return str(TrafficLabel.SYNC) if self.switching else str(self.ab.phase)
 
     @property
@@ -185,11 +188,22 @@ class ZeroScope:
         self.basic.state.clear()
         self._to_fp32({})
         self.switching = True
-        _METERS.append(self)
 
-    def detach(self) -> None:
-        if self in _METERS:
+    @contextlib.contextmanager
+    def metered(self) -> Iterator[None]:
+        """Meter DeepSpeed's collectives while the engine runs a call of its own (backward,
+        the optimizer step and its switches): another engine's traffic is never counted."""
+        _METERS.append(self)
+        try:
+            yield
+        finally:
             _METERS.remove(self)
+
+    def follow(self, wrapper: Any) -> None:
+        """Keep ``wrapper.optimizer`` on the current ZeRO optimizer, now and after every
+        rebuild (a framework's wrapper built around the engine's first one)."""
+        self.followers.append(wrapper)
+        wrapper.optimizer = self.engine.optimizer
 
     # -------------------------------------------------------------- a switch
     def begin_switch(self, carry: bool = True) -> None:
@@ -203,6 +217,10 @@ class ZeroScope:
         _relink(zero)
         masters: dict[int, torch.Tensor] = {}
         carried: dict[torch.nn.Parameter, dict[str, Any]] = {}
+        # Only the dense parameters keep their state through a switch: every AB layer's tensor
+        # (W, A, B) is re-created by it and starts fresh (reading its moments would be traffic
+        # for nothing).
+        kept = {id(p) for p in self.ab._comm_set.dense} if carry else set()
         for i, params in enumerate(zero.bit16_groups):
             part = zero.single_partition_of_fp32_groups[i]
             state = self.basic.state.get(part, {})
@@ -211,7 +229,7 @@ class ZeroScope:
                         for k, v in state.items() if k not in keys}
             for p in params:
                 masters[id(p)] = self.ds.safe_get_full_fp32_param(p).clone()
-                if carry and keys:
+                if id(p) in kept and keys:
                     carried[p] = dict(counters, **{
                         k: self.ds.safe_get_full_optimizer_state(p, k).clone() for k in keys})
         self._drop(zero)
@@ -240,6 +258,8 @@ class ZeroScope:
             engine.seq_data_parallel_group = keep
         engine.optimizer = zero
         self._wrap(zero)
+        for wrapper in self.followers:
+            wrapper.optimizer = zero
         if self.dtype != torch.float32:  # ZeRO built its masters from the bf16 copy
             for params in zero.bit16_groups:
                 for p in params:
@@ -301,6 +321,7 @@ class ZeroScope:
 
     def _wrap(self, zero: Any) -> None:
         """The new ZeRO optimizer: the overflow flag over the world, the LR rebound."""
+        zero.ab_optimizer = self.ab  # found by ab_accel.attach.ab_optimizer
         zero.check_grad_overflow = True
         zero.has_overflow = types.MethodType(functools.partial(_world_has_overflow, self), zero)
         inner_step = zero.step
@@ -323,15 +344,6 @@ class ZeroScope:
         group, ranks = self.ab._scope()
         if buffers and len(ranks) > 1:
             self.ab.comm.mean_(buffers, group, ranks, self.ab.phase)
-
-    @contextlib.contextmanager
-    def unmetered(self) -> Iterator[None]:
-        """DeepSpeed's checkpoint collectives (tag validation) are not training traffic."""
-        previous, self.metering = self.metering, False
-        try:
-            yield
-        finally:
-            self.metering = previous
 
     # -------------------------------------------------------------- checkpoints
     def scope_dir(self, path: str, tag: Any) -> str:

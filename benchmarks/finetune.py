@@ -47,7 +47,7 @@ per second.
 
     python -m benchmarks.finetune                      # the full run: 3 seeds
     python -m benchmarks.finetune --quick              # 1 seed, a smaller model, a few minutes
-    python -m benchmarks.finetune --large              # the 7.87M model, the rank methods
+    python -m benchmarks.finetune --large              # 7.87M model: 100 steps, rank methods
     python -m benchmarks.finetune --report_only true   # table and plot from the results file
 
 Results: ``benchmarks/results/finetune.json`` (``finetune_quick.json``, ``finetune_large.json``;
@@ -92,7 +92,8 @@ def parse(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--quick", action="store_true",
                         help="The quick variant: 1 seed, a smaller model, fewer steps.")
     parser.add_argument("--large", action="store_true",
-                        help="The larger model (4.2x the parameters), the rank methods only.")
+                        help="The larger model (4.2x the parameters): 100 steps, full "
+                             "fine-tuning and the rank methods.")
     parser.add_class_arguments(Settings, as_group=False)
     field_help(parser, Settings)  # jsonargparse reads docstrings only, not field metadata
     ns = parser.parse_args(argv)

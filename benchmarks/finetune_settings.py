@@ -158,10 +158,12 @@ QUICK: dict[str, Any] = {
 }
 
 #: The larger model (``--large``): 4.2x the parameters of the default one (width 384, MLP
-#: 1152), pretrained for 300 steps, fine-tuned with the rank methods only (the others ran at
-#: the default size), to check that the finding does not rest on one tiny model.
+#: 1152), pretrained for 300 steps, fine-tuned for 100 steps with full fine-tuning and the
+#: rank methods of the equal-bytes and equal-rank comparisons (the paper-style AB and GaLore
+#: ran at the default size), to check that the finding does not rest on one tiny model.
 LARGE: dict[str, Any] = {
-    "hidden_size": 384, "intermediate_size": 1152, "pretrain_steps": 300,
-    "methods": ["ab-residual", "lora-half", "pissa-half", "lora"],
+    "hidden_size": 384, "intermediate_size": 1152, "pretrain_steps": 300, "steps": 100,
+    "methods": ["full", "lora", "lora-half", "pissa", "pissa-half", "ab-residual",
+                "ab-residual-double", "ab-residual-2lr"],
     "out": str(RESULTS / "finetune_large.json"),
 }

@@ -10,11 +10,13 @@
 #
 #   fine-tuning (python -m benchmarks.finetune): full fine-tuning, AB (paper defaults, the
 #          fine-tuning options, the frozen residual), LoRA, PiSSA and GaLore on a pretrained
-#          byte-level LM; full: 3 seeds, and the 7.87M model (--large, 2 seeds); quick: --quick
-#          (1 seed, a smaller model, a few minutes).
+#          byte-level LM; full: 3 seeds, and the 7.87M model (--large: 3 seeds, 100 steps);
+#          quick: --quick (1 seed, a smaller model, a few minutes).
+#   DeepSpeed (python -m benchmarks.deepspeed_zero): AB at ZeRO 0, 1, 2 and 2 + offload against
+#          DeepSpeed's own ZeRO 2: optimizer state per rank, bytes, accuracy (1 minute).
 #
 # Results: benchmarks/results/{,quick_}<model>_{local,netns}.json, {,quick_}projection.json,
-# finetune{,_quick,_large}.json, *_acc_vs_*.png, *_table.md. The rate-limited part needs root and
+# finetune{,_quick,_large}.json, {quick_,}deepspeed_zero.json, *_acc_vs_*.png, *_table.md. The rate-limited part needs root and
 # iproute2; without them it is skipped with a
 # message (the JSON says why). The namespaces are removed on exit, whatever happens.
 set -euo pipefail
@@ -80,7 +82,13 @@ $PY benchmarks/report.py --prefix "$PREFIX"
 echo "== fine-tuning: AB (with the frozen residual) vs full fine-tuning, LoRA, PiSSA and GaLore (load $(cut -d' ' -f1-3 /proc/loadavg))"
 if [ "$MODE" = full ]; then FINETUNE_ARGS=(); else FINETUNE_ARGS=(--quick); fi
 $PY -m benchmarks.finetune "${FINETUNE_ARGS[@]}"
-if [ "$MODE" = full ]; then $PY -m benchmarks.finetune --large --seeds "[0,1]" --steps 100 \
-    --methods "[ab-residual,ab-residual-2lr,lora-half,pissa-half,lora]"; fi
+if [ "$MODE" = full ]; then $PY -m benchmarks.finetune --large; fi
+
+echo "== DeepSpeed ZeRO 1/2 (bf16, offload) under the ab_training key (load $(cut -d' ' -f1-3 /proc/loadavg))"
+if [ "$MODE" = full ]; then
+    $PY -m benchmarks.deepspeed_zero
+else
+    $PY -m benchmarks.deepspeed_zero --seeds "[0]" --steps 60 --out "$RESULTS/quick_deepspeed_zero.json"
+fi
 
 echo "== done in $((SECONDS - start)) s; load after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -269,7 +269,7 @@ def test_single_process_trains_every_phase_without_communication(single):
 # ------------------------------------------------------------------------------ DeepSpeed
 def test_deepspeed_reads_ab_training_key_and_hands_the_engine_over(tmp_path):
     """Under `accelerate launch --use_deepspeed` (ZeRO-0, 2 processes) prepare reads the
-    "ab_training" key of the DeepSpeed config, refuses ZeRO-2 before changing the model, and
+    "ab_training" key of the DeepSpeed config, refuses ZeRO-3 before changing the model, and
     trains through ab_accel.deepspeed."""
     out = str(tmp_path)
     command = [ACCELERATE, "launch", "--use_deepspeed", "--zero_stage", "0",
@@ -279,7 +279,7 @@ def test_deepspeed_reads_ab_training_key_and_hands_the_engine_over(tmp_path):
     recs = _run(command, out, 2, {})
     for rec in recs:
         assert rec["distributed_type"] == "DistributedType.DEEPSPEED"
-        assert "ZeRO" in rec["zero2"] and rec["zero2_untouched"]
+        assert '"stage": 3' in rec["zero3"] and rec["zero3_untouched"]
         assert {k: rec["config"][k] for k in td.CONFIG} == td.CONFIG
         assert rec["step_count"] == td.STEPS
         assert rec["summary"]["steps_by_phase"] == {"warmup": 3, "ab": 7, "rebound": 2}

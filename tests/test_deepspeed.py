@@ -37,13 +37,15 @@ def base(**extra):
 
 
 REFUSED = {
-    "zero1": (base(zero_optimization={"stage": 1}), ['"zero_optimization"', '"stage": 1',
-                                                     '"stage": 0']),
-    "zero2": (base(zero_optimization={"stage": 2}), ['"stage": 2', "shard"]),
-    "zero3": (base(zero_optimization={"stage": 3}), ['"stage": 3', '"stage": 0']),
-    "fp16": (base(fp16={"enabled": True}), ['"fp16"', "flattens", '"torch_autocast"',
-                                            '"bfloat16"']),
-    "bf16": (base(bf16={"enabled": True}), ['"bf16"', "flattens", '"torch_autocast"']),
+    "zero3": (base(zero_optimization={"stage": 3}), ['"zero_optimization"', '"stage": 3',
+                                                     "parameters themselves", '"stage": 2']),
+    "fp16": (base(fp16={"enabled": True}), ['"fp16"', "loss scaler", '"bfloat16"']),
+    "bf16": (base(bf16={"enabled": True}), ['"bf16"', "stage 0", "flattens", '"stage": 1']),
+    "autocast_zero": (base(zero_optimization={"stage": 2},
+                           torch_autocast={"enabled": True, "dtype": "bfloat16"}),
+                      ['"torch_autocast"', "ZeRO stage 2", '"bf16": {"enabled": true}']),
+    "predivide_zero": (base(zero_optimization={"stage": 2}, gradient_predivide_factor=2.0),
+                       ["gradient_predivide_factor", "communication_data_type"]),
     "autocast_fp16": (base(torch_autocast={"enabled": True, "dtype": "float16"}),
                       ["float16", "loss scaler", '"dtype": "bfloat16"']),
     "muon": (base(optimizer={"type": "Muon", "params": {"lr": 1e-3}}), ["Muon", "AdamW"]),
@@ -72,7 +74,7 @@ def test_refused_setting_names_the_setting_and_the_fix(name):
         assert fragment in str(info.value), (fragment, str(info.value))
 
 
-@pytest.mark.parametrize("name", ["zero2", "bf16", "typo", "misplaced_in_zero"])
+@pytest.mark.parametrize("name", ["zero3", "bf16", "typo", "misplaced_in_zero"])
 def test_initialize_refuses_before_deepspeed_and_leaves_the_model_alone(name):
     """No process group exists here: the error comes before DeepSpeed is even started."""
     model = ds_scenarios.tiny_net()
@@ -82,6 +84,16 @@ def test_initialize_refuses_before_deepspeed_and_leaves_the_model_alone(name):
                          config=REFUSED[name][0])
     assert not any(isinstance(m, ABLayer) for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_zero_1_and_2_with_bf16_offload_and_their_wire_dtype_are_accepted():
+    """What real DeepSpeed configs carry; "auto" values are checked on the engine built."""
+    for stage in (1, 2):
+        ab_ds.check_config(base(zero_optimization={"stage": stage}, bf16={"enabled": True}))
+        ab_ds.check_config(base(
+            zero_optimization={"stage": stage, "offload_optimizer": {"device": "cpu"},
+                               "overlap_comm": True, "contiguous_gradients": True},
+            bf16={"enabled": "auto"}, fp16={"enabled": "auto"}, communication_data_type="fp32"))
 
 
 def test_disabled_or_absent_key_lets_any_deepspeed_setting_through():
@@ -192,9 +204,11 @@ def test_engine_checkpoint_mid_ab_resumes_exactly(initialize_run):
     assert not _same(a, b)  # the checkpoint was taken while the groups differed
 
 
-def test_attach_refuses_a_zero_engine(initialize_run):
+def test_attach_takes_a_zero_engine_built_without_the_key(initialize_run):
+    """As `accelerate launch --use_deepspeed --zero_stage 1` builds it: attach() rebuilds its
+    ZeRO optimizer over the first step's scope."""
     for out in initialize_run:
-        assert "ZeRO stage 1" in out["zero1_attach"] and '"stage": 0' in out["zero1_attach"]
+        assert out["zero1_attach"] == "accepted: DeepSpeedZeroOptimizer"
 
 
 # --------------------------------------------------------------------- launchers
@@ -256,12 +270,12 @@ def test_deepspeed_launcher_reads_the_key_from_args_deepspeed_config(tmp_path):
     _check_two_groups(recs)
 
 
-def _accelerate_use_deepspeed(config: str, out: str) -> list[dict]:
+def _accelerate_use_deepspeed(config: str, out: str, *flags: str) -> list[dict]:
     """tests/ds_scripts/train_ds.py --accelerate on 2 processes under `accelerate launch
-    --use_deepspeed --deepspeed_config_file <config>`."""
+    --use_deepspeed --deepspeed_config_file <config> [flags]`."""
     return _launch([os.path.join(BIN, "accelerate"), "launch", "--config_file",
                     os.path.join(REPO, "configs", "accelerate_deepspeed.yaml"), "--use_deepspeed",
-                    "--deepspeed_config_file", config, "--num_processes", "2",
+                    "--deepspeed_config_file", config, *flags, "--num_processes", "2",
                     "--num_machines", "1", "--main_process_port", str(free_port()),
                     os.path.join(SCRIPTS, "train_ds.py"), "--accelerate", "--out", out],
                    out, 2)
@@ -279,6 +293,20 @@ def test_accelerate_launch_use_deepspeed_picks_the_key_up(tmp_path):
         assert r["distributed_type"] == "DistributedType.DEEPSPEED"
         assert r["engine_optimizer_is_ab"] and r["gas"] == 1
         assert {k: r["config"][k] for k in KEY} == KEY
+    _check_two_groups(recs)
+
+
+def test_accelerate_launch_use_deepspeed_zero2_bf16(tmp_path):
+    """configs/ds_ab_zero2_bf16.json (ZeRO 2, "bf16": "auto") under `accelerate launch
+    --use_deepspeed --mixed_precision bf16`: DeepSpeed's ZeRO optimizer steps (Accelerate's
+    wrapper follows it through the rebuilds), bf16 weights, the roles, group-local AB steps and
+    the sync as at stage 0."""
+    config = _config_copy(tmp_path, "ds_ab_zero2_bf16.json")
+    recs = _accelerate_use_deepspeed(config, str(tmp_path), "--mixed_precision", "bf16")
+    for r in recs:
+        assert r["zero_stage"] == 2 and r["engine_optimizer"] == "DeepSpeedZeroOptimizer"
+        assert r["wrapper_follows"] and not r["engine_optimizer_is_ab"]
+        assert r["dtype"] == "torch.bfloat16" and r["skipped"] == 0
     _check_two_groups(recs)
 
 

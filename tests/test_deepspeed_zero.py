@@ -2,14 +2,15 @@
 each with bf16 and gradient accumulation 2, on real DeepSpeed engines over a real 4-rank gloo
 world (tests/ds_scripts/zero_scenarios.py): roles, group-local reduction (a spy on what reaches
 torch.distributed), the resync at a sync, the partitioned state's size, exact resume mid-AB
-phase, and a non-finite step skipped by every rank."""
+phase (and a refused resume on another world size), and a non-finite step skipped by every
+rank."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
 import zero_scenarios  # tests/ds_scripts (pytest's pythonpath)
+
 from distributed import run_distributed
 
 VARIANTS = {
@@ -25,9 +26,10 @@ ADAM_BYTES = 12  # fp32 master + exp_avg + exp_avg_sq, per trained element
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def zero_run(request, tmp_path_factory):
     stage, offload, extra = VARIANTS[request.param]
-    ranks = run_distributed(zero_scenarios.zero_run, 4, stage, offload,
-                            str(tmp_path_factory.mktemp(request.param)), extra, timeout=900)
-    return request.param, ranks
+    ckpt = str(tmp_path_factory.mktemp(request.param))
+    ranks = run_distributed(zero_scenarios.zero_run, 4, stage, offload, ckpt, extra,
+                            timeout=900)
+    return request.param, ranks, ckpt
 
 
 def _layer_factors(names: list[str]) -> set[str]:
@@ -35,7 +37,7 @@ def _layer_factors(names: list[str]) -> set[str]:
 
 
 def test_roles_engine_and_bf16(zero_run):
-    _, ranks = zero_run
+    _, ranks, _ = zero_run
     assert [r["role"] for r in ranks] == ["A", "A", "B", "B"]
     assert [r["group"] for r in ranks] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     for r in ranks:
@@ -49,7 +51,7 @@ def test_roles_engine_and_bf16(zero_run):
 def test_warmup_steps_equal_plain_deepspeed_zero(zero_run):
     """Before the first switch the run is DeepSpeed's own ZeRO, bit for bit (after step 1 the
     layers are factorized already: the parameters that stay dense are compared)."""
-    _, ranks = zero_run
+    _, ranks, _ = zero_run
     for r in ranks:
         first, second = r["records"][:zero_scenarios.AB_KEY["warmup_steps"]]
         assert first["phase"] == second["phase"] == "warmup"
@@ -65,7 +67,7 @@ def test_ab_steps_reduce_inside_the_group_only(zero_run):
     """In an AB step every collective with a payload runs over the own group; the only world
     call is the one-flag non-finite decision. The spy (torch.distributed) and the meter agree
     on every step's bytes."""
-    name, ranks = zero_run
+    name, ranks, _ = zero_run
     for r in ranks:
         own = tuple(r["group"])
         for t, rec in enumerate(r["records"]):
@@ -80,7 +82,7 @@ def test_ab_steps_reduce_inside_the_group_only(zero_run):
 
 
 def test_group_mates_agree_groups_differ_frozen_factor_unchanged(zero_run):
-    _, ranks = zero_run
+    _, ranks, _ = zero_run
     records = [r["records"] for r in ranks]
     for t in (2, 3, 6, 7):  # AB steps whose end is no switch
         a0, a1, b0, b1 = (rec[t]["params"] for rec in records)
@@ -98,7 +100,7 @@ def test_group_mates_agree_groups_differ_frozen_factor_unchanged(zero_run):
 
 
 def test_sync_restores_identity_then_rebound_is_world_dp(zero_run):
-    _, ranks = zero_run
+    _, ranks, _ = zero_run
     for t in (4, 5, 8):  # after the sync at 5 (run at the end of step 4), the rebound, 9
         first = ranks[0]["records"][t]["params"]
         for r in ranks[1:]:
@@ -111,7 +113,7 @@ def test_sync_restores_identity_then_rebound_is_world_dp(zero_run):
 def test_optimizer_state_is_partitioned_over_the_scope(zero_run):
     """Per rank: the fp32 masters and Adam moments of 1/scope of what the scope trains (plus
     ZeRO's alignment padding), in warm-up (scope 4) and AB phases (scope 2)."""
-    _, ranks = zero_run
+    _, ranks, _ = zero_run
     for r in ranks:
         for t in (0, 2, 3, 6, 7):  # steps whose end is no switch: the state is still theirs
             rec = r["records"][t]
@@ -122,7 +124,7 @@ def test_optimizer_state_is_partitioned_over_the_scope(zero_run):
 
 
 def test_checkpoint_mid_ab_phase_resumes_exactly(zero_run):
-    _, ranks = zero_run
+    _, ranks, _ = zero_run
     for r in ranks:
         assert r["saved_phase"] == "ab" and r["resumed_step"] == zero_scenarios.SAVE_AT
         expected = [rec["params"] for rec in r["records"][zero_scenarios.SAVE_AT:]]
@@ -133,7 +135,7 @@ def test_checkpoint_mid_ab_phase_resumes_exactly(zero_run):
 
 
 def test_meter_reports_traffic_against_dp(zero_run):
-    _, ranks = zero_run
+    _, ranks, _ = zero_run
     for r in ranks:
         summary = r["traffic"]
         assert summary["steps_by_phase"] == {"warmup": 2, "ab": 6, "rebound": 1}
@@ -146,3 +148,12 @@ def test_a_nonfinite_gradient_on_one_rank_skips_the_step_everywhere():
         assert r["skipped"] == 1 and r["engine_skipped"] == 1
         assert r["unchanged"] and r["moved_after"]
         assert r["step_count"] == 5
+
+
+def test_resume_on_another_world_size_is_refused_with_what_differs(zero_run):
+    """Refused before DeepSpeed loads anything (the group shards' manifest is read first)."""
+    name, _, ckpt = zero_run
+    stage = zero_scenarios.zero_config(VARIANTS[name][0])["zero_optimization"]["stage"]
+    errors = run_distributed(zero_scenarios.resume_other_world, 2, stage, ckpt, timeout=600)
+    for error in errors:
+        assert "4" in error and "2" in error and "processes" in error, error

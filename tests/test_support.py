@@ -41,14 +41,17 @@ def test_a_refusal_is_a_config_error_and_a_not_implemented_error():
         check_mixed_precision("fp16")
 
 
-def test_deepspeed_precision_left_on_auto_is_refused():
-    """"auto" is filled in later from Accelerate's or the Trainer's flags (fp16 among them), so
-    a JSON with "ab_training" must say false itself."""
-    config = {"zero_optimization": {"stage": 0}, "fp16": {"enabled": "auto"}, "ab_training": {}}
-    with pytest.raises(UnsupportedSetupError) as info:
-        ab_ds.check_config(config)
-    assert '"fp16": {"enabled": "auto"}' in str(info.value) and "false" in str(info.value)
-    ab_ds.check_config({**config, "fp16": {"enabled": False}})
+def test_deepspeed_precision_left_on_auto_is_decided_by_the_flags_that_fill_it():
+    """"auto" is filled in later from Accelerate's or the Trainer's flags: the config passes,
+    the flag that would turn fp16 on is refused by its front end (Accelerate's mixed_precision,
+    the Trainer's fp16), and an engine built with fp16 or stage-0 bf16 by check_engine."""
+    config = {"zero_optimization": {"stage": 0}, "fp16": {"enabled": "auto"},
+              "bf16": {"enabled": "auto"}, "ab_training": {}}
+    ab_ds.check_config(config)
+    with pytest.raises(UnsupportedSetupError, match="fp16"):
+        check_mixed_precision("fp16")
+    with pytest.raises(UnsupportedSetupError, match='"fp16"'):
+        ab_ds.check_config({**config, "fp16": {"enabled": True}})
 
 
 # ----------------------------------------------------------------------------- resolve_config
@@ -96,3 +99,38 @@ def test_the_words_are_their_strings():
     assert [str(m) for m in TrafficLabel] == ["setup", "warmup", "ab", "sync", "rebound", "check"]
     assert {m.value for m in SyncMode} == {"with-stale", "only-learned", "full", "only-b"}
     assert type(str(Phase.AB)) is str  # what goes into checkpoints is a plain string
+
+
+class _Engine:
+    """What check_engine reads of a DeepSpeed engine (it only reads: no collective)."""
+
+    def __init__(self, stage: int, fp16: bool = False, bf16: bool = False,
+                 autocast: bool = False) -> None:
+        self.stage, self.fp16, self.bf16, self.autocast = stage, fp16, bf16, autocast
+
+    def zero_optimization_stage(self) -> int:
+        return self.stage
+
+    def fp16_enabled(self) -> bool:
+        return self.fp16
+
+    def bfloat16_enabled(self) -> bool:
+        return self.bf16
+
+    def torch_autocast_enabled(self) -> bool:
+        return self.autocast
+
+
+@pytest.mark.parametrize(("engine", "fragment"), [
+    (_Engine(3), "ZeRO stage 3"), (_Engine(2, fp16=True), '"fp16"'),
+    (_Engine(0, bf16=True), "bf16 optimizer at ZeRO stage 0"),
+    (_Engine(2, bf16=True, autocast=True), '"torch_autocast" with ZeRO')])
+def test_an_engine_built_from_auto_values_is_checked_before_step_one(engine, fragment):
+    with pytest.raises(UnsupportedSetupError, match=fragment):
+        ab_ds.check_engine(engine)
+
+
+@pytest.mark.parametrize("engine", [_Engine(0), _Engine(1, bf16=True), _Engine(2, bf16=True),
+                                    _Engine(0, autocast=True)])
+def test_engines_ab_training_runs_on_pass_the_check(engine):
+    ab_ds.check_engine(engine)

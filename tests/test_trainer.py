@@ -71,8 +71,10 @@ def test_config_comes_from_the_deepspeed_key_or_the_argument():
         config_for_trainer({"warmup_steps": 7}, ds)
     with pytest.raises(ABConfigError, match="ab_config=ABConfig"):
         config_for_trainer(None, {"zero_optimization": {"stage": 0}})
-    with pytest.raises(ABConfigError, match='"stage": 0'):
-        config_for_trainer(None, {"zero_optimization": {"stage": 2}, "ab_training": {}})
+    with pytest.raises(ABConfigError, match='"stage": 2'):  # the fix named: 3 -> 2
+        config_for_trainer(None, {"zero_optimization": {"stage": 3}, "ab_training": {}})
+    config_for_trainer(None, {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True},
+                              "ab_training": {}})
 
 
 def test_fp16_is_refused_when_the_trainer_is_built(tmp_path):
@@ -149,14 +151,21 @@ def test_merged_gpt2_loads_in_plain_transformers_with_the_same_outputs(ddp_run):
 
 
 # --------------------------------------------------------------------- Trainer + DeepSpeed
-@pytest.fixture(scope="module")
-def ds_run(tmp_path_factory):
+#: The shipped JSONs: ZeRO 0 with torch autocast bf16; ZeRO 2 with "bf16": "auto", filled in
+#: from the Trainer's --bf16.
+DS_VARIANTS = {"zero0_autocast": ("ds_ab_zero0_bf16.json", []),
+               "zero2_bf16": ("ds_ab_zero2_bf16.json", ["--bf16"])}
+
+
+@pytest.fixture(scope="module", params=sorted(DS_VARIANTS))
+def ds_run(request, tmp_path_factory):
     work = str(tmp_path_factory.mktemp("trainer_ds"))
+    config, flags = DS_VARIANTS[request.param]
     proc = subprocess.run(
         [os.path.join(BIN, "torchrun"), "--nproc_per_node", "4", "--master_port",
          str(free_port()), os.path.join(SCRIPTS, "trainer_ds.py"), work,
-         os.path.join(REPO, "configs", "ds_ab_zero0_bf16.json")],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=500)
+         os.path.join(REPO, "configs", config), *flags],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [torch.load(os.path.join(work, f"rank{r}.pt"), weights_only=False)
             for r in range(4)]
@@ -164,8 +173,13 @@ def ds_run(tmp_path_factory):
 
 def test_deepspeed_engine_runs_the_ab_optimizer(ds_run):
     for out in ds_run:
-        assert out["engine"] == "DeepSpeedEngine" and out["engine_optimizer_is_ab"]
-        assert out["autocast"] and out["gas"] == 2 and out["clip"] == 0.5
+        assert out["engine"] == "DeepSpeedEngine" and out["gas"] == 2 and out["clip"] == 0.5
+        if out["zero_stage"] == 0:  # the engine steps the ABOptimizer, autocast computes
+            assert out["engine_optimizer_is_ab"] and out["autocast"]
+            assert out["dtype"] == "torch.float32"
+        else:  # DeepSpeed's ZeRO optimizer steps, over bf16 weights
+            assert out["engine_optimizer"] == "DeepSpeedZeroOptimizer" and not out["autocast"]
+            assert out["dtype"] == "torch.bfloat16"
         assert out["step_count"] == out["global_steps"] == 8
     assert [o["group_ranks"] for o in ds_run] == [[0, 1], [0, 1], [2, 3], [2, 3]]
 

@@ -298,14 +298,14 @@ def deepspeed_run(out_dir: str) -> dict[str, Any]:
     rec = new_record(accelerator)
     rec["distributed_type"] = str(accelerator.distributed_type)
     live = accelerator.state.deepspeed_plugin.deepspeed_config
-    live["zero_optimization"]["stage"] = 2
+    live["zero_optimization"]["stage"] = 3
     try:
         ab_accel.prepare(accelerator, model, opt, loader, sched)
-        rec["zero2"] = "accepted"
+        rec["zero3"] = "accepted"
     except ABConfigError as exc:
-        rec["zero2"] = str(exc)
+        rec["zero3"] = str(exc)
     live["zero_optimization"]["stage"] = 0
-    rec["zero2_untouched"] = not any(isinstance(m, ABLayer) for m in model.modules())
+    rec["zero3_untouched"] = not any(isinstance(m, ABLayer) for m in model.modules())
 
     model, opt, loader, sched = ab_accel.prepare(accelerator, model, opt, loader, sched)
     ab = ab_optimizer(opt)

@@ -112,19 +112,22 @@ def initialize_path(rank: int, world: int, ckpt_dir: str) -> dict[str, Any]:
     out["autocast"] = run_a
     out["resumed"] = run_b
 
-    # attach() refuses an engine built without the key from a ZeRO config (as `accelerate
-    # launch --use_deepspeed --zero_stage 1` would build it).
+    # attach() takes an engine built without the key from a ZeRO config (as `accelerate
+    # launch --use_deepspeed --zero_stage 1` builds it), around a converted model.
     import deepspeed
 
     torch.manual_seed(0)
-    plain = tiny_net()
+    plain = convert(tiny_net(), cfg)
     zero1, *_ = deepspeed.initialize(
         model=plain, optimizer=torch.optim.AdamW(plain.parameters(), lr=1e-3),
         config={"train_micro_batch_size_per_gpu": MICRO_BATCH, "steps_per_print": 10_000,
-                "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True})
+                "zero_optimization": {"stage": 1}})
     try:
         ab_ds.attach(zero1, ABOptimizer(zero1.basic_optimizer, None, cfg))
-        out["zero1_attach"] = "accepted"
+        x, y = micro_batch(rank, 0, 0)
+        zero1.backward(nn.functional.cross_entropy(zero1(x), y))
+        zero1.step()
+        out["zero1_attach"] = f"accepted: {type(zero1.optimizer).__name__}"
     except ab_ds.ABConfigError as exc:
         out["zero1_attach"] = str(exc)
     return out

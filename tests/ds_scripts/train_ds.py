@@ -65,10 +65,11 @@ def run_accelerate() -> dict:
     rec = {"distributed_type": str(accelerator.distributed_type), "steps": [],
            "gas": model.gradient_accumulation_steps(), "clip": model.gradient_clipping()}
     # The loader is not split by Accelerate here: each rank feeds its own batches.
+    dtype = accelerator.unwrap_model(model)[0].weight.dtype  # bf16 under DeepSpeed's "bf16"
     for t in range(STEPS):
         phase, role = ab.phase, ab.role
         x, y = micro_batch(accelerator.process_index, t, 0)
-        accelerator.backward(nn.functional.cross_entropy(model(x), y))
+        accelerator.backward(nn.functional.cross_entropy(model(x.to(dtype)).float(), y))
         opt.step()
         opt.zero_grad()
         rec["steps"].append({"phase": phase, "role": role,
@@ -76,6 +77,11 @@ def run_accelerate() -> dict:
     rec["step_count"], rec["traffic"] = ab.step_count, ab.traffic.summary()
     rec["config"] = ab.config.to_dict()
     rec["engine_optimizer_is_ab"] = model.optimizer is ab
+    rec["engine_optimizer"] = type(model.optimizer).__name__
+    rec["wrapper_follows"] = opt.optimizer is model.optimizer
+    rec["zero_stage"] = model.zero_optimization_stage()
+    rec["dtype"] = str(dtype)
+    rec["skipped"] = ab.skipped_steps
     raw = accelerator.unwrap_model(model)
     rec["frozen"] = sorted(n for n, p in raw.named_parameters() if not p.requires_grad)
     rec["residuals"] = {n: layer.residual.clone() for n, layer in ab_layers(raw)

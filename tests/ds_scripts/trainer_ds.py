@@ -1,6 +1,7 @@
-"""ABTrainer + DeepSpeed (ZeRO-0, torch autocast bf16), launched by torchrun on CPU (gloo).
+"""ABTrainer + DeepSpeed (ZeRO-0 with torch autocast bf16, or ZeRO-2 with DeepSpeed's "bf16"),
+launched by torchrun on CPU (gloo).
 
-    torchrun --nproc_per_node 4 tests/ds_scripts/trainer_ds.py <work_dir> <configs/ds json>
+    torchrun --nproc_per_node 4 tests/ds_scripts/trainer_ds.py <work_dir> <configs/ds json> [--bf16]
 
 A ViT (image 8, patch 2) saved with save_pretrained and loaded back trains on sklearn's digits
 for 8 optimizer steps with gradient accumulation 2 and clipping, checkpoints at step 4 (inside an
@@ -54,10 +55,11 @@ class Recorder(TrainerCallback):
         self.steps[state.global_step] = {"params": vec, "phase_next": opt.phase}
 
 
-def make_trainer(base: str, out: str, ds_json: str, accel_cfg: dict) -> tuple:
+def make_trainer(base: str, out: str, ds_json: str, accel_cfg: dict, bf16: bool) -> tuple:
     model = ViTForImageClassification.from_pretrained(base)
     args = TrainingArguments(
-        output_dir=out, deepspeed=ds_json, accelerator_config=dict(accel_cfg),
+        output_dir=out, deepspeed=ds_json, accelerator_config=dict(accel_cfg), bf16=bf16,
+        use_cpu=bf16,  # CPU test: transformers accepts bf16 without a GPU only with use_cpu
         per_device_train_batch_size=8, per_device_eval_batch_size=16,
         gradient_accumulation_steps=2, max_steps=8, learning_rate=2e-3,
         lr_scheduler_type="constant", max_grad_norm=0.5, logging_steps=1, save_strategy="steps",
@@ -72,6 +74,7 @@ def make_trainer(base: str, out: str, ds_json: str, accel_cfg: dict) -> tuple:
 
 def main() -> None:
     work, config_path = sys.argv[1], sys.argv[2]
+    bf16 = sys.argv[3:] == ["--bf16"]  # the Trainer's flag, filling a JSON's "bf16": "auto"
     accel_cfg = setup_cpu_deepspeed()
     rank = dist.get_rank()
     with open(config_path) as fh:
@@ -90,12 +93,15 @@ def main() -> None:
     dist.barrier()
 
     out: dict = {}
-    trainer, rec = make_trainer(base, os.path.join(work, "run_a"), ds_json, accel_cfg)
+    trainer, rec = make_trainer(base, os.path.join(work, "run_a"), ds_json, accel_cfg, bf16)
     trainer.train()
     engine = trainer.model_wrapped
     opt = trainer.ab_optimizer
     out["engine"] = type(engine).__name__
     out["engine_optimizer_is_ab"] = engine.optimizer is opt
+    out["engine_optimizer"] = type(engine.optimizer).__name__
+    out["zero_stage"] = engine.zero_optimization_stage()
+    out["dtype"] = str(next(engine.module.parameters()).dtype)
     out["autocast"] = bool(engine.torch_autocast_enabled())
     out["gas"] = engine.gradient_accumulation_steps()
     out["clip"] = engine.gradient_clipping()
@@ -115,7 +121,7 @@ def main() -> None:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    resumed, rec_b = make_trainer(base, os.path.join(work, "run_b"), ds_json, accel_cfg)
+    resumed, rec_b = make_trainer(base, os.path.join(work, "run_b"), ds_json, accel_cfg, bf16)
     resumed.train(resume_from_checkpoint=ckpt)
     out["resumed_steps"] = rec_b.steps
     out["resumed_step_count"] = resumed.ab_optimizer.step_count

@@ -137,4 +137,19 @@ def overflow_run(rank: int, world: int, stage: int) -> dict[str, Any]:
             "engine_skipped": engine.skipped_steps}
 
 
-__all__ = ["zero_run", "overflow_run", "zero_config", "AB_KEY"]
+def resume_other_world(rank: int, world: int, stage: int, ckpt_dir: str) -> str:
+    """A world of another size loads a 4-rank checkpoint: the refusal it gets, as text."""
+    torch.manual_seed(0)
+    model = ds_scenarios.tiny_net()
+    config = zero_config(stage)
+    config["ab_training"]["group_size"] = world // 2
+    engine, _, _, _ = ab_ds.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3), config=config)
+    try:
+        engine.load_checkpoint(ckpt_dir, tag="mid_ab")
+    except Exception as exc:  # noqa: BLE001 (the test reads the message)
+        return f"{type(exc).__name__}: {exc}"
+    return "loaded"
+
+
+__all__ = ["zero_run", "overflow_run", "resume_other_world", "zero_config", "AB_KEY"]
