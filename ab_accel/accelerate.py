@@ -65,11 +65,11 @@ from .attach import (
 from .checkpoint import SHARDS_DIR
 from .config import ABConfig, ABConfigError, resolve_config
 from .ddp import ignore_factorized_weights
-from .ds_config import check_config
+from .ds_config import check_config, zero_stage
 from .engine import attach_prepared
 from .model import ab_layers, convert, why_nothing_to_factorize
 from .optimizer import ABOptimizer
-from .zero import STAGES
+from .zero import STAGES, fill_empty_groups
 
 #: Sub-folder of an ``accelerator.save_state`` folder that holds the per-group AB shards.
 CHECKPOINT_DIR = SHARDS_DIR
@@ -150,7 +150,9 @@ def prepare(accelerator: Any, *objects: Any, config: ABConfig | dict | None = No
     # optimizer wraps the torch optimizer and steps; under DDP (or one process) Accelerate
     # prepares the plain optimizer (its state is moved to the device) and the ABOptimizer is
     # put inside Accelerate's wrapper afterwards.
-    zero = deepspeed and _zero_stage(accelerator) in STAGES
+    zero = deepspeed and zero_stage(accelerator.state.deepspeed_plugin.deepspeed_config) in STAGES
+    if zero:
+        fill_empty_groups(ab.optimizer, model)  # frozen groups: ZeRO cannot build an empty one
     to_prepare[opt_index] = ab if deepspeed and not zero else ab.optimizer
     result = accelerator.prepare(*to_prepare)
     prepared = list(result) if isinstance(result, (tuple, list)) else [result]
@@ -214,14 +216,6 @@ def _find_optimizer_and_model(objects: tuple[Any, ...]) -> tuple[int, int]:
             "INSTEAD of accelerator.prepare, on the plain model."
         )
     return opt_index, candidates[0]
-
-
-def _zero_stage(accelerator: Any) -> int:
-    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization") or {}
-    try:
-        return int(zero.get("stage", 0))
-    except (TypeError, ValueError):
-        return -1
 
 
 def _resolve_config(accelerator: Any, opt: Any, config: ABConfig | dict | None) -> ABConfig:

@@ -50,14 +50,16 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from .checkpoint import SHARDS_DIR
 from .config import ABConfigError, resolve_config
-from .ds_config import check_config, load_ds_config, read_config
+from .ds_config import check_config, load_ds_config, read_config, zero_stage
 from .engine import attach, check_engine, torch_optimizer
 from .model import convert
 from .optimizer import ABOptimizer
+from .zero import STAGES, fill_empty_groups
 
 #: Sub-folder of a DeepSpeed checkpoint tag (or of an HF Trainer checkpoint) with the group shards.
 AB_CHECKPOINT_DIR = SHARDS_DIR
@@ -119,6 +121,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
             '"torch_adam": true}}).'
         )
     convert(model, cfg)
+    if zero_stage(ds) in STAGES and isinstance(optimizer, torch.optim.Optimizer):
+        fill_empty_groups(optimizer, model)  # frozen groups: ZeRO cannot build an empty one
     engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, config=ds, **ds_kwargs)
     check_engine(engine)

@@ -100,6 +100,15 @@ def check_config(ds_config: Mapping[str, Any] | str | os.PathLike) -> None:
                             "DeepSpeed.")
 
 
+def zero_stage(ds: Mapping[str, Any]) -> int:
+    """The config's ZeRO stage (0 when absent; -1 when it is not a number)."""
+    zero = ds.get("zero_optimization") or {}
+    try:
+        return int(zero.get("stage", 0) if isinstance(zero, Mapping) else 0)
+    except (TypeError, ValueError):
+        return -1
+
+
 def _switch(block: Any) -> bool | str:
     """The "enabled" of a DeepSpeed block: True, False, or "auto" (filled in later by the HF
     integrations from their own flags, so not known here)."""
@@ -117,10 +126,7 @@ def _incompatible_settings(ds: Mapping[str, Any]) -> list[str]:
     problems: list[str] = []
     zero = ds.get("zero_optimization") or {}
     stage = zero.get("stage", 0) if isinstance(zero, Mapping) else 0
-    try:
-        stage_num = int(stage)
-    except (TypeError, ValueError):
-        stage_num = -1
+    stage_num = zero_stage(ds)
     zero_1_2 = stage_num in (1, 2)
     if stage_num not in (0, 1, 2):
         problems.append(support.problem(
@@ -171,4 +177,4 @@ def _incompatible_settings(ds: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-__all__ = ["load_ds_config", "read_config", "check_config"]
+__all__ = ["load_ds_config", "read_config", "check_config", "zero_stage"]

@@ -56,12 +56,13 @@ from .attach import check_shards, load_shards, save_merged, save_shards, shards_
 from .checkpoint import read_manifest
 from .config import DEEPSPEED_KEY, ABConfig, ABConfigError, resolve_config
 from .ddp import ignore_factorized_weights
-from .ds_config import check_config, load_ds_config
+from .ds_config import check_config, load_ds_config, zero_stage
 from .engine import attach_prepared, torch_optimizer
 from .model import compression, convert
 from .optimizer import ABOptimizer
 from .schedule import ABSchedule
 from .vocab import Phase
+from .zero import STAGES, fill_empty_groups
 
 logger = logging.getLogger(__name__)
 
@@ -139,11 +140,17 @@ class ABTrainer(Trainer):
 
     def _zero_stage(self) -> int:
         ds = getattr(self.args, "hf_deepspeed_config", None)
-        zero = (ds.config if ds is not None else {}).get("zero_optimization") or {}
-        try:
-            return int(zero.get("stage", 0))
-        except (TypeError, ValueError):
-            return 0
+        return zero_stage(ds.config) if ds is not None else 0
+
+    def create_optimizer(self) -> Any:
+        """``Trainer.create_optimizer``; under ZeRO 1/2 a group left with nothing to train
+        (``freeze_untargeted`` empties the no-decay one) gets a placeholder, since DeepSpeed's
+        ZeRO optimizer cannot be built over an empty group
+        (:func:`ab_accel.zero.fill_empty_groups`)."""
+        optimizer = super().create_optimizer()
+        if self._enabled() and self.is_deepspeed_enabled and self._zero_stage() in STAGES:
+            fill_empty_groups(optimizer, self.model)
+        return optimizer
 
     def _enabled(self) -> bool:
         return self.ab_config is not None and self.ab_config.enabled

@@ -130,6 +130,37 @@ class PlainMeter:
         _METERS.remove(self)
 
 
+# ------------------------------------------------------------------------------ empty groups
+#: Name prefix of the placeholders of :func:`fill_empty_groups`.
+PLACEHOLDER = "ab_training_placeholder"
+
+
+def fill_empty_groups(optimizer: torch.optim.Optimizer, module: nn.Module) -> list[nn.Parameter]:
+    """Give every param group of ``optimizer`` with nothing to train one 1-element placeholder
+    parameter; returns those made.
+
+    DeepSpeed's ZeRO optimizer cannot be built over a group without a trainable parameter (an
+    IndexError inside it), and the group count must stay (torch's LR schedulers zip their
+    per-group values with the groups, strictly). ``freeze_untargeted`` empties the no-decay
+    group of a usual (decay, no-decay) split. The placeholder never gets a gradient, so it
+    stays 0; it is registered on ``module`` only until :meth:`ZeroScope.adopt` (DeepSpeed names
+    the parameters it partitions after the module's), so no export or state dict ever holds it.
+    """
+    made = []
+    first = next(iter(module.parameters()), None)
+    for i, group in enumerate(optimizer.param_groups):
+        if any(p.requires_grad for p in group["params"]):
+            continue
+        like = group["params"][0] if group["params"] else first
+        p = nn.Parameter(torch.zeros(1, dtype=like.dtype if like is not None else None,
+                                     device=like.device if like is not None else None))
+        p._ab_placeholder = f"{PLACEHOLDER}_{i}"  # type: ignore[attr-defined]
+        group["params"].append(p)
+        module.register_parameter(p._ab_placeholder, p)
+        made.append(p)
+    return made
+
+
 # ------------------------------------------------------------------------------ the scope
 def _relink(zero: Any) -> None:
     """DeepSpeed links the parameters to Adam's state lazily, after the FIRST group's state
@@ -165,6 +196,8 @@ class ZeroScope:
         #: Wrappers whose ``.optimizer`` must be the current ZeRO optimizer (Accelerate's
         #: DeepSpeedOptimizerWrapper reads its ``overflow``): see :meth:`follow`.
         self.followers: list[Any] = []
+        #: The placeholders of :func:`fill_empty_groups`, by their names.
+        self.placeholders: dict[nn.Parameter, str] = {}
 
     # -------------------------------------------------------------- the meter's label
     def label(self) -> str:
@@ -184,6 +217,11 @@ class ZeroScope:
         zero = self.engine.optimizer
         for group, params in zip(self.basic.param_groups, zero.bit16_groups, strict=True):
             group["params"] = list(params)
+            for p in params:
+                if hasattr(p, "_ab_placeholder"):
+                    self.placeholders[p] = p._ab_placeholder
+        for name in self.placeholders.values():  # out of the module: nothing exports them
+            self.engine.module._parameters.pop(name, None)
         self._drop(zero)
         self.basic.state.clear()
         self._to_fp32({})
@@ -244,12 +282,13 @@ class ZeroScope:
         the trained parameters and the next step's scope, its masters and the kept state set."""
         start = time.perf_counter()
         module, basic, engine = self.engine.module, self.basic, self.engine
-        masters = {id(p): p.data for p in module.parameters()}
+        masters = {id(p): p.data for p in [*module.parameters(), *self.placeholders]}
         carried = {id(p): st for p, st in basic.state.items()}
         basic.state.clear()
         self._to_dtype(module)
         group, _ = self.ab._scope()
         engine.param_names = {p: n for n, p in module.named_parameters()}
+        engine.param_names.update(self.placeholders)
         keep = engine.seq_data_parallel_group
         engine.seq_data_parallel_group = group
         try:
@@ -300,7 +339,7 @@ class ZeroScope:
     def _to_fp32(self, masters: dict[int, torch.Tensor]) -> None:
         """Every parameter as an fp32 tensor of its own (the masters' values where given): out
         of the destroyed optimizer's flat buffer, and exact for the switch's arithmetic."""
-        for p in self.engine.module.parameters():
+        for p in [*self.engine.module.parameters(), *self.placeholders]:
             value = masters.get(id(p))
             p.data = value.to(p.device) if value is not None else p.data.float().clone()
         for layer in self._layers():
@@ -310,7 +349,7 @@ class ZeroScope:
     def _to_dtype(self, module: nn.Module) -> None:
         if self.dtype == torch.float32:
             return
-        for p in module.parameters():
+        for p in [*module.parameters(), *self.placeholders]:
             p.data = p.data.to(self.dtype)
         for layer in self._layers():
             if layer.residual is not None and layer.residual_dtype is None:
@@ -375,4 +414,5 @@ def _world_has_overflow(scope: ZeroScope, zero: Any, partition_gradients: bool =
                            TrafficLabel.CHECK)[0] > 0
 
 
-__all__ = ["ZeroScope", "PlainMeter", "install_meter", "STAGES", "ZERO_DIR"]
+__all__ = ["ZeroScope", "PlainMeter", "install_meter", "fill_empty_groups", "STAGES",
+           "ZERO_DIR"]

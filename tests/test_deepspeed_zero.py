@@ -157,3 +157,25 @@ def test_resume_on_another_world_size_is_refused_with_what_differs(zero_run):
     errors = run_distributed(zero_scenarios.resume_other_world, 2, stage, ckpt, timeout=600)
     for error in errors:
         assert "4" in error and "2" in error and "processes" in error, error
+
+
+def test_finetuning_settings_under_zero2_offload_bf16():
+    """residual + freeze_untargeted + lean_memory, no dense phase: the frozen parameters never
+    change, the residuals are the same on every rank (in bf16, the weights' dtype), group mates
+    agree and every sync leaves one model; ZeRO builds although the biases' group has nothing to
+    train (a placeholder stands in, in no state dict)."""
+    ranks = run_distributed(zero_scenarios.finetune_run, 4, timeout=600)
+    assert [r["role"] for r in ranks] == ["A", "A", "B", "B"]
+    for r in ranks:
+        assert r["frozen_unchanged"] and r["frozen_names"] and r["skipped"] == 0
+        assert r["step_count"] == 6 and r["groups"][1] == 1  # the biases' group: a placeholder
+        assert r["placeholder_exported"] is False
+        assert r["residual_dtype"] == ["torch.bfloat16"] and r["residuals"]
+        for a, b in zip(ranks[0]["residuals"], r["residuals"], strict=True):
+            assert torch.equal(a, b)
+    for t, _ in enumerate(ranks[0]["records"]):
+        p = [r["records"][t]["params"] for r in ranks]
+        for name in p[0]:
+            assert torch.equal(p[0][name], p[1][name]) and torch.equal(p[2][name], p[3][name])
+            if t in (2, 5):  # each ends with a sync (and the next factorization)
+                assert torch.equal(p[0][name], p[2][name]), (t, name)

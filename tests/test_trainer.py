@@ -157,10 +157,7 @@ DS_VARIANTS = {"zero0_autocast": ("ds_ab_zero0_bf16.json", []),
                "zero2_bf16": ("ds_ab_zero2_bf16.json", ["--bf16"])}
 
 
-@pytest.fixture(scope="module", params=sorted(DS_VARIANTS))
-def ds_run(request, tmp_path_factory):
-    work = str(tmp_path_factory.mktemp("trainer_ds"))
-    config, flags = DS_VARIANTS[request.param]
+def _run_trainer_ds(work: str, config: str, *flags: str) -> list[dict]:
     proc = subprocess.run(
         [os.path.join(BIN, "torchrun"), "--nproc_per_node", "4", "--master_port",
          str(free_port()), os.path.join(SCRIPTS, "trainer_ds.py"), work,
@@ -169,6 +166,12 @@ def ds_run(request, tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [torch.load(os.path.join(work, f"rank{r}.pt"), weights_only=False)
             for r in range(4)]
+
+
+@pytest.fixture(scope="module", params=sorted(DS_VARIANTS))
+def ds_run(request, tmp_path_factory):
+    config, flags = DS_VARIANTS[request.param]
+    return _run_trainer_ds(str(tmp_path_factory.mktemp("trainer_ds")), config, *flags)
 
 
 def test_deepspeed_engine_runs_the_ab_optimizer(ds_run):
@@ -196,6 +199,24 @@ def test_deepspeed_checkpoint_and_resume_continue_the_schedule(ds_run):
         assert out["ckpt_ab_files"] == ["ab_group0.pt", "ab_group1.pt", "ab_meta.json"]
         _check_resume(out["steps"], out["resumed_steps"])
         assert out["resumed_step_count"] == 8
+
+
+def test_deepspeed_zero2_finetuning_settings_through_the_trainer(tmp_path):
+    """The fine-tuning settings (residual, freeze_untargeted, lean_memory, no dense phase) in
+    the JSON's key, ZeRO 2 with --bf16: the Trainer's no-decay group is left with nothing to
+    train and ZeRO still builds (a placeholder stands in, saved nowhere); group mates agree,
+    the syncs at steps 4 and 8 leave one model, and the resume from checkpoint-4 is exact."""
+    ranks = _run_trainer_ds(str(tmp_path), "ds_ab_zero2_bf16.json", "--bf16", "--finetune")
+    for out in ranks:
+        assert out["engine_optimizer"] == "DeepSpeedZeroOptimizer"
+        assert out["dtype"] == "torch.bfloat16" and out["step_count"] == 8
+        assert "vit.embeddings.cls_token" in out["frozen"]
+        assert not any("placeholder" in k for k in out["state_keys"])
+        _check_resume(out["steps"], out["resumed_steps"])
+    for step in sorted(ranks[0]["steps"]):
+        v = [o["steps"][step]["params"] for o in ranks]
+        assert _equal(v[0], v[1]) and _equal(v[2], v[3]), step
+        assert _equal(v[0], v[2]) == (step in (4, 8)), step
 
 
 # --------------------------------------------------------------------- the recipe

@@ -25,6 +25,11 @@ from recipes.cpu_deepspeed import setup_cpu_deepspeed
 
 from distributed import end_process
 
+#: The fine-tuning settings (no dense phase, residual, untargeted parameters frozen): syncs at
+#: the ends of steps 4 and 8.
+FINETUNE = {"warmup_steps": 0, "sync_every": 4, "rebound_steps": 0, "lr_rebound_steps": 1,
+            "fixed_rank": 4, "lean_memory": True, "residual": True, "freeze_untargeted": True,
+            "group_size": 2}
 AB = {"warmup_steps": 2, "sync_every": 4, "rebound_steps": 1, "lr_rebound_steps": 1,
       "rank_cutoff": 0.3, "group_size": 2}
 
@@ -74,12 +79,12 @@ def make_trainer(base: str, out: str, ds_json: str, accel_cfg: dict, bf16: bool)
 
 def main() -> None:
     work, config_path = sys.argv[1], sys.argv[2]
-    bf16 = sys.argv[3:] == ["--bf16"]  # the Trainer's flag, filling a JSON's "bf16": "auto"
+    bf16 = "--bf16" in sys.argv[3:]  # the Trainer's flag, filling a JSON's "bf16": "auto"
     accel_cfg = setup_cpu_deepspeed()
     rank = dist.get_rank()
     with open(config_path) as fh:
         ds = json.load(fh)
-    ds["ab_training"].update(AB)
+    ds["ab_training"].update(FINETUNE if "--finetune" in sys.argv[3:] else AB)
     ds_json = os.path.join(work, "ds.json")
     base = os.path.join(work, "vit")
     if rank == 0:
@@ -102,6 +107,8 @@ def main() -> None:
     out["engine_optimizer"] = type(engine.optimizer).__name__
     out["zero_stage"] = engine.zero_optimization_stage()
     out["dtype"] = str(next(engine.module.parameters()).dtype)
+    out["frozen"] = sorted(n for n, p in engine.module.named_parameters() if not p.requires_grad)
+    out["state_keys"] = sorted(trainer.model.state_dict())
     out["autocast"] = bool(engine.torch_autocast_enabled())
     out["gas"] = engine.gradient_accumulation_steps()
     out["clip"] = engine.gradient_clipping()

@@ -115,6 +115,42 @@ def zero_run(rank: int, world: int, stage: int, offload: bool, ckpt_dir: str,
     return out
 
 
+def finetune_run(rank: int, world: int) -> dict[str, Any]:
+    """The fine-tuning settings under ZeRO 2 + CPU offload + bf16: no dense phase, lean_memory,
+    the frozen residual, every untargeted parameter frozen (so the torch optimizer's second
+    group, the biases, has nothing to train: ZeRO must build without it)."""
+    torch.manual_seed(0)
+    model = ds_scenarios.tiny_net()
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() == 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=3e-3)
+    config = zero_config(2, offload=True)
+    config["ab_training"] = {"warmup_steps": 0, "sync_every": 3, "rebound_steps": 0,
+                             "lr_rebound_steps": 1, "fixed_rank": 4, "lean_memory": True,
+                             "residual": True, "freeze_untargeted": True, "group_size": 2}
+    engine, ab, _, _ = ab_ds.initialize(model=model, optimizer=opt, config=config)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad
+              and not n.endswith((".A", ".B"))}
+    records = []
+    for t in range(6):
+        phase = str(ab.phase)
+        _train_step(engine, rank, t)
+        records.append({"phase": phase, "params": _fp32(model)})
+    layers = [m for m in model.modules() if hasattr(m, "residual")]
+    return {"records": records, "role": str(ab.groups.role),
+            "frozen_unchanged": all(torch.equal(v, dict(model.named_parameters())[n])
+                                    for n, v in frozen.items()),
+            "frozen_names": sorted(frozen),
+            "residuals": [layer.residual.float().clone() for layer in layers
+                          if layer.residual is not None],
+            "residual_dtype": sorted({str(layer.residual.dtype) for layer in layers
+                                      if layer.residual is not None}),
+            "groups": [len(g) for g in engine.optimizer.bit16_groups],
+            "placeholder_exported": any("placeholder" in k for k in model.state_dict()),
+            "skipped": ab.skipped_steps, "step_count": ab.step_count}
+
+
 def overflow_run(rank: int, world: int, stage: int) -> dict[str, Any]:
     """One rank (3, a B-group rank) feeds an inf into an AB step: every rank skips it."""
     engine, ab, model = _new_engine(stage, False)
@@ -152,4 +188,5 @@ def resume_other_world(rank: int, world: int, stage: int, ckpt_dir: str) -> str:
     return "loaded"
 
 
-__all__ = ["zero_run", "overflow_run", "resume_other_world", "zero_config", "AB_KEY"]
+__all__ = ["zero_run", "finetune_run", "overflow_run", "resume_other_world", "zero_config",
+           "AB_KEY"]
