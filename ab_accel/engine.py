@@ -111,11 +111,17 @@ def _ab_save_checkpoint(self: Any, save_dir: str, tag: Any = None, client_state:
                         ) -> Any:
     """One shard per AB group under ``<save_dir>/<tag>/ab_training``, then DeepSpeed's own
     save_checkpoint (which writes the ``latest`` tag last)."""
+    return _save_with_shards(self, save_dir, tag, client_state, save_latest,
+                             exclude_frozen_parameters)
+
+
+def _save_with_shards(engine: Any, save_dir: str, tag: Any, client_state: Any,
+                      save_latest: bool, exclude_frozen_parameters: bool) -> Any:
     if tag is None:
-        tag = f"global_step{self.global_steps}"
-    save_shards(os.path.join(save_dir, str(tag)), self.module, self.ab_optimizer,
-                extra={"global_steps": self.global_steps})
-    return self._ab_original_save_checkpoint(
+        tag = f"global_step{engine.global_steps}"
+    save_shards(os.path.join(save_dir, str(tag)), engine.module, engine.ab_optimizer,
+                extra={"global_steps": engine.global_steps})
+    return engine._ab_original_save_checkpoint(
         save_dir, tag, client_state={} if client_state is None else client_state,
         save_latest=save_latest, exclude_frozen_parameters=exclude_frozen_parameters)
 
@@ -191,13 +197,7 @@ def _ab_zero_save_checkpoint(self: Any, save_dir: str, tag: Any = None, client_s
     partitioned ZeRO state in the scope's folder. Frozen parameters are left out of DeepSpeed's
     files (``exclude_frozen_parameters``): rank 0 writes them, and mid-AB phase the groups
     freeze different factors; the group shards hold them."""
-    if tag is None:
-        tag = f"global_step{self.global_steps}"
-    save_shards(os.path.join(save_dir, str(tag)), self.module, self.ab_optimizer,
-                extra={"global_steps": self.global_steps})
-    return self._ab_original_save_checkpoint(
-        save_dir, tag, client_state={} if client_state is None else client_state,
-        save_latest=save_latest, exclude_frozen_parameters=True)
+    return _save_with_shards(self, save_dir, tag, client_state, save_latest, True)
 
 
 def _ab_zero_load_checkpoint(self: Any, load_dir: str, tag: Any = None,
