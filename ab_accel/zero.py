@@ -26,7 +26,7 @@ switch (W, A, B) starts with zero moments and its group's counter; the LR reboun
 every switch ramps the learning rate from ~0, which covers the restart (without ZeRO the new
 tensor's counter restarts at 0 too; only the bias correction of its first steps differs).
 
-The overflow (non-finite) decision is made over the WORLD (one byte per step, metered as
+The overflow (non-finite) decision is made over the WORLD (one 8-byte flag per step, metered as
 "check"), so every rank skips the same steps; ZeRO's own flag covers its dp group only. Every
 collective DeepSpeed makes while the engine is attached goes through the meter, labelled with the
 step's phase ("sync" inside a switch), by the dtype DeepSpeed sends (``communication_data_type``):
