@@ -18,6 +18,8 @@ VARIANTS = {
     "zero2": (2, False, {}),
     # the JSON's reduction precision is DeepSpeed's to honour: fp32 on the wire here
     "zero2_offload_fp32_wire": (2, True, {"communication_data_type": "fp32"}),
+    # another sync: each factor averaged over the ranks that trained it
+    "zero1_only_learned": (1, False, {"ab_training": {"sync_mode": "only-learned"}}),
 }
 WORLD_FLAG_BYTES = 8  # the world-wide non-finite decision: one int64 per step
 ADAM_BYTES = 12  # fp32 master + exp_avg + exp_avg_sq, per trained element

@@ -36,7 +36,9 @@ def zero_config(stage: int, offload: bool = False, bf16: bool = True, key: bool 
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         cfg["zero_force_ds_cpu_optimizer"] = False  # torch's AdamW on the CPU partitions
     if key:
-        cfg["ab_training"] = dict(AB_KEY)
+        cfg["ab_training"] = dict(AB_KEY, **extra.pop("ab_training", {}))
+    else:
+        extra.pop("ab_training", None)
     cfg.update(extra)
     return cfg
 
