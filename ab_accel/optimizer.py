@@ -361,7 +361,7 @@ class ABOptimizer(WrappingOptimizer):
                 g["lr"] = lr
 
     # ------------------------------------------------------------------ switches
-    def _run_events(self, events: list[Event]) -> None:
+    def _run_events(self, events: list[Event], final: bool = False) -> None:
         """The switches at one step count; under ZeRO, DeepSpeed's optimizer is rebuilt around
         them (:class:`ab_accel.zero.ZeroScope`)."""
         if not events:
@@ -369,7 +369,7 @@ class ABOptimizer(WrappingOptimizer):
         if self.external is not None:
             self.external.begin_switch()
         for event in events:
-            self._run_event(event)
+            self._run_event(event, final)
         if self.external is not None:
             self.external.end_switch()
 
@@ -424,11 +424,7 @@ class ABOptimizer(WrappingOptimizer):
         if self.model is None or not any(layer.mode == LayerMode.AB for _, layer in self._layers):
             return False
         self._reduced = False
-        if self.external is not None:
-            self.external.begin_switch()
-        self._run_event(Event.SYNC, final=True)
-        if self.external is not None:
-            self.external.end_switch()
+        self._run_events([Event.SYNC], final=True)
         self._finalized = True
         return True
 

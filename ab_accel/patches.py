@@ -199,6 +199,45 @@ def deepspeed_engine_methods(engine: Any, ab: Any, **methods: Callable[..., Any]
         setattr(engine, name, types.MethodType(fn, engine))
 
 
+#: What ab_accel.zero reads and rebuilds of DeepSpeed's engine and ZeRO 1/2 optimizer: the
+#: engine builds a ZeRO optimizer over ``seq_data_parallel_group`` (swapped to the step's scope
+#: for the call) and names its parameters from ``param_names``; the ZeRO optimizer's flat groups
+#: and fp32 partitions, its state linking, its overflow check and its teardown.
+ZERO_ENGINE = ("_configure_zero_optimizer", "seq_data_parallel_group", "param_names",
+               "basic_optimizer")
+ZERO_OPTIMIZER = ("bit16_groups", "single_partition_of_fp32_groups",
+                  "_lazy_init_hp_params_optimizer_state", "has_overflow_partitioned_grads_serial",
+                  "has_overflow", "check_grad_overflow", "update_lp_params", "destroy",
+                  "dp_process_group")
+
+
+def require_zero_internals(engine: Any) -> None:
+    """The version guard of :mod:`ab_accel.zero`: every attribute it uses, on this engine and
+    its ZeRO optimizer."""
+    why = "rebuild ZeRO over each AB phase's scope"
+    for attr in ZERO_ENGINE:
+        require(engine, attr, "deepspeed", why)
+    for attr in ZERO_OPTIMIZER:
+        require(engine.optimizer, attr, "deepspeed", why)
+
+
+def zero_optimizer_methods(zero: Any, ab: Any, has_overflow: Callable[..., bool],
+                           around_step: Callable[[Callable[[], Any]], Any]) -> None:
+    """A (re)built ZeRO optimizer for AB-training: ``zero.ab_optimizer`` (what
+    :func:`ab_accel.attach.ab_optimizer` finds), the overflow check always on and decided by
+    ``has_overflow`` (over the world, not ZeRO's dp group), and its ``step`` run inside
+    ``around_step`` (the LR rebound). DeepSpeed has no hook for either decision."""
+    zero.ab_optimizer = ab
+    zero.check_grad_overflow = True
+    zero.has_overflow = types.MethodType(has_overflow, zero)
+    inner_step = zero.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        return around_step(lambda: inner_step(*args, **kwargs))
+
+    zero.step = step
+
+
 def set_deepspeed_grad_norm(engine: Any, norm: Any) -> None:
     """What ``engine.get_global_grad_norm()`` reports after a step: DeepSpeed's own clip sets
     the private ``_global_grad_norm``, which the AB clip replaces."""
@@ -230,4 +269,5 @@ def prepare_then(trainer: Any, after: Callable[[tuple[Any, ...]], None]) -> None
 __all__ = ["TESTED", "TRAINER_OVERRIDES", "require", "ddp_ignore_factorized",
            "ddp_stop_reducing", "swap_inner_optimizer", "add_view_class",
            "skip_next_optimizer_load", "take_skip_next_load", "clip_reduces_first",
-           "deepspeed_engine_methods", "set_deepspeed_grad_norm", "prepare_then"]
+           "deepspeed_engine_methods", "set_deepspeed_grad_norm", "prepare_then",
+           "ZERO_ENGINE", "ZERO_OPTIMIZER", "require_zero_internals", "zero_optimizer_methods"]

@@ -39,7 +39,6 @@ import contextlib
 import functools
 import os
 import time
-import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import patches
 from .layers import ABLayer
 from .vocab import Phase, TrafficLabel
 
@@ -184,6 +184,7 @@ class ZeroScope:
     def __init__(self, engine: Any, ab: Any) -> None:
         from deepspeed import utils as ds_utils  # the documented access to ZeRO's fp32 state
 
+        patches.require_zero_internals(engine)
         self.engine, self.ab, self.ds = engine, ab, ds_utils
         self.basic: torch.optim.Optimizer = engine.basic_optimizer
         self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
@@ -360,15 +361,9 @@ class ZeroScope:
 
     def _wrap(self, zero: Any) -> None:
         """The new ZeRO optimizer: the overflow flag over the world, the LR rebound."""
-        zero.ab_optimizer = self.ab  # found by ab_accel.attach.ab_optimizer
-        zero.check_grad_overflow = True
-        zero.has_overflow = types.MethodType(functools.partial(_world_has_overflow, self), zero)
-        inner_step = zero.step
-
-        def step(*args: Any, **kwargs: Any) -> Any:
-            return self.ab._with_rebound(lambda: inner_step(*args, **kwargs))
-
-        zero.step = step
+        patches.zero_optimizer_methods(zero, self.ab,
+                                       functools.partial(_world_has_overflow, self),
+                                       self.ab._with_rebound)
 
     # -------------------------------------------------------------- the step
     def stepped(self) -> None:
