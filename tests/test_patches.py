@@ -82,3 +82,38 @@ def test_engine_methods_are_replaced_on_one_engine_with_the_originals_kept():
     assert other.allreduce_gradients() == "deepspeed"
     with pytest.raises(ValueError, match="not a patched"):
         patches.deepspeed_engine_methods(engine, ab, step=lambda self: None)
+
+
+def test_zero_internals_are_guarded_before_anything_is_rebuilt():
+    """An engine whose ZeRO optimizer lacks what ab_accel.zero rebuilds is refused by name."""
+    engine = types.SimpleNamespace(**dict.fromkeys(patches.ZERO_ENGINE))
+    engine.optimizer = types.SimpleNamespace(**dict.fromkeys(patches.ZERO_OPTIMIZER[1:]))
+    with pytest.raises(UnsupportedSetupError,
+                       match=r"deepspeed \S+ has no SimpleNamespace\.bit16_groups.*rebuild ZeRO"):
+        patches.require_zero_internals(engine)
+    engine.optimizer.bit16_groups = []
+    patches.require_zero_internals(engine)
+
+
+def test_a_rebuilt_zero_optimizer_steps_inside_the_rebound_and_asks_the_world():
+    calls: list[str] = []
+
+    class _Zero:
+        check_grad_overflow = False
+
+        def step(self) -> str:
+            calls.append("step")
+            return "stepped"
+
+    zero, ab = _Zero(), object()
+
+    def around(step):  # the LR rebound's place
+        calls.append("before")
+        out = step()
+        calls.append("after")
+        return out
+
+    patches.zero_optimizer_methods(zero, ab, lambda self, partition_gradients=True: True, around)
+    assert zero.step() == "stepped" and calls == ["before", "step", "after"]
+    assert zero.check_grad_overflow and zero.has_overflow() is True and zero.ab_optimizer is ab
+    assert not hasattr(_Zero(), "ab_optimizer")  # one object only
