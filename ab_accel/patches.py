@@ -238,6 +238,20 @@ def zero_optimizer_methods(zero: Any, ab: Any, has_overflow: Callable[..., bool]
     zero.step = step
 
 
+def wrap_deepspeed_collectives(names: list[str], wrap: Callable[[str, Any], Any]) -> None:
+    """Replace each of deepspeed.comm's collectives ``names`` by ``wrap(name, original)``, once
+    per process (the traffic meter of :mod:`ab_accel.ds_meter`). DeepSpeed's ZeRO code calls
+    them as attributes of ``deepspeed.comm``; it has no hook on what it sends."""
+    import deepspeed.comm as ds_comm
+
+    for name in names:
+        fn = getattr(ds_comm, name, None)
+        if fn is not None and not getattr(fn, "_ab_wrapped", False):
+            wrapped = wrap(name, fn)
+            wrapped._ab_wrapped = True
+            setattr(ds_comm, name, wrapped)
+
+
 def set_deepspeed_grad_norm(engine: Any, norm: Any) -> None:
     """What ``engine.get_global_grad_norm()`` reports after a step: DeepSpeed's own clip sets
     the private ``_global_grad_norm``, which the AB clip replaces."""
@@ -270,4 +284,5 @@ __all__ = ["TESTED", "TRAINER_OVERRIDES", "require", "ddp_ignore_factorized",
            "ddp_stop_reducing", "swap_inner_optimizer", "add_view_class",
            "skip_next_optimizer_load", "take_skip_next_load", "clip_reduces_first",
            "deepspeed_engine_methods", "set_deepspeed_grad_norm", "prepare_then",
-           "ZERO_ENGINE", "ZERO_OPTIMIZER", "require_zero_internals", "zero_optimizer_methods"]
+           "ZERO_ENGINE", "ZERO_OPTIMIZER", "require_zero_internals", "zero_optimizer_methods",
+           "wrap_deepspeed_collectives"]

@@ -16,21 +16,21 @@ What a switch does (:meth:`ZeroScope.begin_switch`, the AB switch, :meth:`ZeroSc
    put the module in fp32 with the masters' values (a bf16 run's switch computes in fp32: the
    SVD and ``W <- A B`` never see bf16 rounding of the trained tensors);
 2. the AB switch itself (sync, factorization) on the fp32 module, exactly as without ZeRO; the
-   kept parameters' optimizer state is averaged over the world at a sync, as DESIGN says;
+   kept parameters' optimizer state is averaged over the world at a sync (it diverged per group);
 3. cast the module back (bf16 under ``"bf16"``), rebuild the ZeRO optimizer around the SAME
    torch optimizer (its param groups refilled, the current learning rates kept, so schedulers
    keep working), write the fp32 masters and the kept parameters' state into the new partitions.
 
 ZeRO keeps one Adam step counter per param group (a flat partition): a tensor re-created at a
 switch (W, A, B) starts with zero moments and its group's counter; the LR rebound that follows
-every switch ramps the learning rate from ~0, which covers the restart (without ZeRO the new
-tensor's counter restarts at 0 too; only the bias correction of its first steps differs).
+every switch ramps the learning rate from ~0, which covers the restart (without ZeRO its counter
+restarts at 0 with its moments; under ZeRO only the bias correction of its first steps differs).
 
 The overflow (non-finite) decision is made over the WORLD (one 8-byte flag per step, metered as
 "check"), so every rank skips the same steps; ZeRO's own flag covers its dp group only. Every
-collective DeepSpeed makes while the engine is attached goes through the meter, labelled with the
-step's phase ("sync" inside a switch), by the dtype DeepSpeed sends (``communication_data_type``):
-the engine's ``backward`` and optimizer step run inside :meth:`ZeroScope.metered`.
+collective DeepSpeed makes in the engine's ``backward`` and optimizer step is counted by
+:mod:`ab_accel.ds_meter`, labelled with the step's phase ("sync" inside a switch), in the dtype
+DeepSpeed sends (``communication_data_type``).
 """
 
 from __future__ import annotations
@@ -39,14 +39,12 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from . import patches
+from . import ds_meter, patches
 from .layers import ABLayer
 from .vocab import Phase, TrafficLabel
 
@@ -55,79 +53,6 @@ STAGES = (1, 2)
 #: Sub-folder of a DeepSpeed checkpoint tag with the ZeRO files of every scope (one folder per
 #: AB group mid-AB-phase: DeepSpeed names its files by the rank in the dp group, which collide).
 ZERO_DIR = "ab_training_zero"
-
-
-# ------------------------------------------------------------------------------ the meter
-#: deepspeed.comm collectives -> (the meter's op, index of the payload tensor in the args).
-_COLLECTIVES = {
-    "all_reduce": ("all_reduce", 0), "inference_all_reduce": ("all_reduce", 0),
-    "reduce": ("reduce", 0), "broadcast": ("broadcast", 0),
-    "all_gather": ("all_gather", 1), "all_gather_into_tensor": ("all_gather", 1),
-    "allgather_fn": ("all_gather", 1), "reduce_scatter_tensor": ("reduce_scatter", 1),
-    "reduce_scatter_fn": ("reduce_scatter", 1), "all_to_all_single": ("all_to_all", 1),
-}
-_METERS: list[Any] = []  # the ZeroScope inside its engine's call (or a PlainMeter), innermost last
-
-
-def _group_ranks(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
-    group = kwargs.get("group")
-    if group is None:
-        group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
-    if group is None or group is dist.group.WORLD:
-        return tuple(range(dist.get_world_size()))
-    return tuple(dist.get_process_group_ranks(group))
-
-
-def _metered(name: str, fn: Any) -> Any:
-    op, index = _COLLECTIVES[name]
-
-    @functools.wraps(fn)
-    def collective(*args: Any, **kwargs: Any) -> Any:
-        meter = _METERS[-1] if _METERS else None
-        label = meter.label() if meter is not None else None
-        if label is not None:
-            tensor = args[index] if len(args) > index else kwargs.get(
-                "tensor", kwargs.get("input_tensor", kwargs.get("input")))
-            if torch.is_tensor(tensor):
-                meter.traffic.record(op, tensor.numel() * tensor.element_size(),
-                                     _group_ranks(args, kwargs), label)
-        return fn(*args, **kwargs)
-
-    collective._ab_metered = True  # type: ignore[attr-defined]
-    return collective
-
-
-def install_meter() -> None:
-    """Route deepspeed.comm's collectives through :data:`_METERS` (once per process; a
-    collective made while no meter is pushed passes through untouched)."""
-    import deepspeed.comm as ds_comm
-
-    for name in _COLLECTIVES:
-        fn = getattr(ds_comm, name, None)
-        if fn is not None and not getattr(fn, "_ab_metered", False):
-            setattr(ds_comm, name, _metered(name, fn))
-
-
-class PlainMeter:
-    """A meter for DeepSpeed's collectives without AB-training (a benchmark's baseline):
-    every collective under ``label`` into ``traffic`` (a :class:`~ab_accel.comm.TrafficMeter`)."""
-
-    def __init__(self, traffic: Any, label: str = str(TrafficLabel.WARMUP)) -> None:
-        self.traffic, self._label = traffic, label
-
-    def label(self) -> str:
-        return self._label
-
-    def metered(self) -> PlainMeter:
-        return self
-
-    def __enter__(self) -> PlainMeter:
-        install_meter()
-        _METERS.append(self)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        _METERS.remove(self)
 
 
 # ------------------------------------------------------------------------------ empty groups
@@ -169,8 +94,9 @@ def _relink(zero: Any) -> None:
     zero._lazy_init_hp_params_optimizer_state()
 
 
-def _per_element(value: Any, numel: int) -> bool:
-    return torch.is_tensor(value) and value.dim() > 0 and value.numel() == numel
+def _is_moment(value: Any) -> bool:
+    """A per-element entry of an optimizer's state (Adam's moments), not a counter (``step``)."""
+    return torch.is_tensor(value) and value.dim() > 0
 
 
 class ZeroScope:
@@ -214,7 +140,7 @@ class ZeroScope:
         its flat partitions), destroy DeepSpeed's first ZeRO optimizer and leave the module in
         fp32 for the binding (which may factorize at step 0). :meth:`end_switch` builds it
         again for the first step's scope."""
-        install_meter()
+        ds_meter.install()
         zero = self.engine.optimizer
         for group, params in zip(self.basic.param_groups, zero.bit16_groups, strict=True):
             group["params"] = list(params)
@@ -228,15 +154,10 @@ class ZeroScope:
         self._to_fp32({})
         self.switching = True
 
-    @contextlib.contextmanager
-    def metered(self) -> Iterator[None]:
+    def metered(self) -> contextlib.AbstractContextManager[None]:
         """Meter DeepSpeed's collectives while the engine runs a call of its own (backward,
         the optimizer step and its switches): another engine's traffic is never counted."""
-        _METERS.append(self)
-        try:
-            yield
-        finally:
-            _METERS.remove(self)
+        return ds_meter.metered(self)
 
     def follow(self, wrapper: Any) -> None:
         """Keep ``wrapper.optimizer`` on the current ZeRO optimizer, now and after every
@@ -263,7 +184,7 @@ class ZeroScope:
         for i, params in enumerate(zero.bit16_groups):
             part = zero.single_partition_of_fp32_groups[i]
             state = self.basic.state.get(part, {})
-            keys = sorted(k for k, v in state.items() if _per_element(v, part.numel()))
+            keys = sorted(k for k, v in state.items() if _is_moment(v))
             counters = {k: v.clone() if torch.is_tensor(v) else v
                         for k, v in state.items() if k not in keys}
             for p in params:
@@ -318,14 +239,14 @@ class ZeroScope:
                 continue  # all new: the torch optimizer creates fresh state at its first step
             part = zero.single_partition_of_fp32_groups[i]
             self.basic.state[part] = {
-                key: torch.zeros_like(part) if _per_element(value, value.numel()) else (
+                key: torch.zeros_like(part) if _is_moment(value) else (
                     value.clone() if torch.is_tensor(value) else value)
                 for key, value in kept[0].items()}
         _relink(zero)
         for params in zero.bit16_groups:
             for p in params:
                 for key, value in carried.get(id(p), {}).items():
-                    if _per_element(value, p.numel()):
+                    if _is_moment(value):
                         self.ds.safe_set_full_optimizer_state(p, value, key)
 
     # -------------------------------------------------------------- helpers
@@ -409,5 +330,4 @@ def _world_has_overflow(scope: ZeroScope, zero: Any, partition_gradients: bool =
                            TrafficLabel.CHECK)[0] > 0
 
 
-__all__ = ["ZeroScope", "PlainMeter", "install_meter", "fill_empty_groups", "STAGES",
-           "ZERO_DIR"]
+__all__ = ["ZeroScope", "fill_empty_groups", "STAGES", "ZERO_DIR"]

@@ -105,7 +105,7 @@ def train_one(method: str, seed: int, s: Settings) -> dict[str, Any]:
 
     from ab_accel import deepspeed as ab_ds
     from ab_accel.comm import TrafficMeter
-    from ab_accel.zero import PlainMeter
+    from ab_accel.ds_meter import PlainMeter
 
     rank, world = dist.get_rank(), dist.get_world_size()
     digits = load_digits()
